@@ -1,0 +1,64 @@
+"""Fleet settings: one pydantic-settings class, every field from a ``PALAUTE_`` variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The only secret with a default.  It is fine on a developer's laptop and refused anywhere else.
+DEV_SECRET = "palaute-development-secret-change-me"
+
+
+class Settings(BaseSettings):
+    """Configuration of the fleet service, ingest workers and CLI.
+
+    Every field can be set with an environment variable of the same name prefixed ``PALAUTE_``
+    (``PALAUTE_DB_URL``, ``PALAUTE_MQTT_URL`` ...) or in a ``.env`` file.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PALAUTE_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    secret_key: str = DEV_SECRET
+
+    db_url: str = "sqlite:///palaute.db"
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_client_id: str = "palaute-ingest"
+    topic_root: str = "fb/v1"
+    # Workers in the same group share one MQTT shared subscription; empty disables sharing
+    # (needed for brokers without $share support, such as the demo's embedded broker).
+    ingest_shared_group: str = "palaute-ingest"
+    ingest_batch_max: int = Field(default=2000, ge=1)
+    ingest_batch_wait_ms: int = Field(default=20, ge=0)
+    ingest_max_payload: int = Field(default=16_384, ge=256)
+    ingest_max_future_ms: int = Field(default=24 * 3600 * 1000, ge=0)
+
+    influx_url: str = ""
+    influx_token: str = ""
+    influx_org: str = "palaute"
+    influx_bucket: str = "palaute"
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> Settings:
+        # A production fleet signing tokens with a published default secret is open to anyone.
+        if self.environment == "production" and self.secret_key == DEV_SECRET:
+            raise ValueError(
+                "PALAUTE_SECRET_KEY is the development default; set a long random value "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`) "
+                "before running with PALAUTE_ENVIRONMENT=production"
+            )
+        if self.environment == "production" and len(self.secret_key) < 32:
+            raise ValueError("PALAUTE_SECRET_KEY must be at least 32 characters in production")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,146 @@
+"""Wire protocol v1 (docs/protocol.md): topics and payload validation on the fleet side.
+
+Everything arriving from the network is untrusted.  Parsers return validated values or raise
+``ProtocolError`` with a short machine-readable ``reason`` (used as a metrics label) and a
+human-readable message; they never raise anything else on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = "v1"
+DEVICE_ID_RE = re.compile(r"^pt-[0-9a-f]{12}$")
+MAX_BATCH = 50
+MAX_BUTTONS = 5
+FLAG_FILTERED = 1
+FLAG_TIME_UNSYNCED = 2
+FLAG_TEST_MODE = 4
+KNOWN_FLAGS = FLAG_FILTERED | FLAG_TIME_UNSYNCED | FLAG_TEST_MODE
+MAX_SEQ = 2**32 - 1
+MAX_CONTENT_VERSION = 2**32 - 1
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; ``reason`` is a short metrics label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """One button press as reported by a terminal."""
+
+    seq: int
+    ts_ms: int
+    button: int
+    flags: int
+    content_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class VoteBatch:
+    """A validated ``votes`` message: votes in strictly increasing seq order."""
+
+    device_id: str
+    votes: tuple[Vote, ...]
+    # The terminal's claim that the batch lists every vote it holds with seq in (after, last];
+    # gaps are votes it dropped (log full).  None for clients that make no such claim.
+    after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names under a configurable root (default ``fb/v1``)."""
+
+    root: str = "fb/v1"
+
+    def device(self, device_id: str, leaf: str) -> str:
+        """The topic ``{root}/d/{device_id}/{leaf}``."""
+        return f"{self.root}/d/{device_id}/{leaf}"
+
+    def wildcard(self, leaf: str) -> str:
+        """Subscription filter for ``leaf`` of every device."""
+        return f"{self.root}/d/+/{leaf}"
+
+    def parse(self, topic: str) -> tuple[str, str]:
+        """Split a device topic into ``(device_id, leaf)``; raise ProtocolError otherwise."""
+        prefix = self.root + "/d/"
+        if not topic.startswith(prefix):
+            raise ProtocolError("bad_topic", f"topic {topic!r} is not under {prefix!r}")
+        device_id, _, leaf = topic[len(prefix):].partition("/")
+        if not DEVICE_ID_RE.match(device_id):
+            raise ProtocolError("bad_device_id", f"device id {device_id!r} is not pt-<12 hex>")
+        return device_id, leaf
+
+
+def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    if len(payload) > max_bytes:
+        raise ProtocolError("too_large", f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("bad_json", f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_shape", "payload must be a JSON object")
+    return data
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    # bool is an int subclass in Python; a vote field of `true` is a client bug, not a 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError("bad_type", f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ProtocolError("out_of_range", f"{name}={value} outside {low}..{high}")
+    return value
+
+
+def parse_votes(device_id: str, payload: bytes, *, max_bytes: int, now_ms: int,
+                max_future_ms: int) -> VoteBatch:
+    """Validate a ``votes`` payload: ``{"votes": [[seq, ts_ms, button, flags, cv], ...]}``.
+
+    Unknown top-level fields are ignored (forward compatibility).  Timestamps further in the
+    future than ``max_future_ms`` are refused unless the terminal flagged its clock as unsynced.
+    """
+    data = _load_object(payload, max_bytes)
+    rows = data.get("votes")
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_BATCH:
+        raise ProtocolError("bad_shape", f"votes must be a list of 1..{MAX_BATCH} votes")
+    votes: list[Vote] = []
+    previous = -1
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) < 5:
+            raise ProtocolError("bad_shape", f"votes[{index}] must be [seq, ts_ms, button, "
+                                "flags, content_version]")
+        seq = _int(row[0], f"votes[{index}].seq", 1, MAX_SEQ)
+        ts_ms = _int(row[1], f"votes[{index}].ts_ms", 0, 2**53)
+        button = _int(row[2], f"votes[{index}].button", 1, MAX_BUTTONS)
+        flags = _int(row[3], f"votes[{index}].flags", 0, 255)
+        content_version = _int(row[4], f"votes[{index}].content_version", 0, MAX_CONTENT_VERSION)
+        if seq <= previous:
+            raise ProtocolError("seq_order", f"votes[{index}].seq={seq} is not above {previous}")
+        if not flags & FLAG_TIME_UNSYNCED and ts_ms > now_ms + max_future_ms:
+            raise ProtocolError("future_ts", f"votes[{index}].ts_ms={ts_ms} is in the future")
+        previous = seq
+        votes.append(Vote(seq, ts_ms, button, flags & KNOWN_FLAGS, content_version))
+    after = data.get("after")
+    if after is not None:
+        after = _int(after, "after", 0, MAX_SEQ)
+        if after >= votes[0].seq:
+            raise ProtocolError("seq_order", f"after={after} is not below the first seq")
+    return VoteBatch(device_id, tuple(votes), after)
+
+
+def parse_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """Validate that a payload is a size-bounded JSON object (health, status, reported)."""
+    return _load_object(payload, max_bytes)
+
+
+def encode_ack(seq: int, now_ms: int) -> bytes:
+    """The ``ack`` payload: every vote with seq ≤ ``seq`` is durably stored."""
+    return json.dumps({"seq": seq, "now_ms": now_ms}, separators=(",", ":")).encode()
