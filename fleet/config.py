@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     db_url: str = "sqlite:///palaute.db"
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_client_id: str = "palaute-ingest"
+    # MQTT 5 lets the broker keep many deliveries in flight to a worker (Receive Maximum);
+    # 3.1.1 is for brokers that speak nothing newer, such as the demo's embedded broker.
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
     topic_root: str = "fb/v1"
     # Workers in the same group share one MQTT shared subscription; empty disables sharing
     # (needed for brokers without $share support, such as the demo's embedded broker).

@@ -78,9 +78,11 @@ class IngestWorker:
         self.subscribed = threading.Event()
         target = parse_mqtt_url(settings.mqtt_url)
         self._target = target
+        self._v5 = settings.mqtt_protocol == "5"
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id or settings.mqtt_client_id,
-            protocol=mqtt.MQTTv5, manual_ack=True)
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else False, manual_ack=True)
         if target.username:
             self._client.username_pw_set(target.username, target.password)
         self._client.on_connect = self._on_connect
@@ -237,14 +239,17 @@ class IngestWorker:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Connect (persistent session) and start the network and writer threads."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        # Keep the session (and QoS 1 messages queued for it) for a day while this worker is
-        # away, and let the broker keep many deliveries in flight: they are acknowledged only
-        # after commit, in batches.
-        props.SessionExpiryInterval = 24 * 3600
-        props.ReceiveMaximum = 65535
-        self._client.connect_async(self._target.host, self._target.port, keepalive=30,
-                                   clean_start=False, properties=props)
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # Keep the session (and QoS 1 messages queued for it) for a day while this worker
+            # is away, and let the broker keep many deliveries in flight: they are
+            # acknowledged only after commit, in batches.
+            props.SessionExpiryInterval = 24 * 3600
+            props.ReceiveMaximum = 65535
+            self._client.connect_async(self._target.host, self._target.port, keepalive=30,
+                                       clean_start=False, properties=props)
+        else:
+            self._client.connect_async(self._target.host, self._target.port, keepalive=30)
         self._client.loop_start()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
                                         daemon=True)

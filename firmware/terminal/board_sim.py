@@ -1,0 +1,132 @@
+"""Simulated board: the hardware of a terminal, driven by tests and the simulator.
+
+Runs under MicroPython (unix port) and CPython.  Buttons are pressed with ``press()``; LEDs and
+the screen are recorded; the network can be cut and restored; the wall clock can be skewed or
+left unsynced.  Every observable change is reported through ``on_event(name, data)`` so a
+harness can await it instead of sleeping.
+"""
+
+import asyncio
+import os
+import time
+
+from terminal.clock import ticks_ms
+
+
+class SimBoard:
+    """The board interface the terminal app uses, without hardware."""
+
+    name = "sim"
+
+    def __init__(self, root, *, broker_host="127.0.0.1", broker_port=1883, buttons=4,
+                 skew_ms=0, synced=True, on_event=None):
+        self.root = root
+        self.broker = (broker_host, broker_port)
+        self.buttons = buttons
+        self.skew_ms = skew_ms
+        self.synced = synced
+        self.on_event = on_event
+        self.net_up = True
+        self.leds = [False] * buttons
+        self.screen = []
+        self.reset_cause = "power_on"
+        self._presses = []
+        self._pressed = asyncio.Event()
+        self._writers = []
+
+    def emit(self, name, data=None):
+        """Report an observable change to whoever drives the board."""
+        if self.on_event:
+            self.on_event(name, data)
+
+    # -- storage -------------------------------------------------------------------------
+    def storage(self, name):
+        """A directory for ``name`` on the simulated flash filesystem."""
+        path = self.root + "/" + name
+        try:
+            os.mkdir(path)
+        except OSError:
+            pass  # exists already
+        return path
+
+    # -- clock ---------------------------------------------------------------------------
+    def time_ms(self):
+        """Wall-clock ms since the Unix epoch, or None while the clock is not set."""
+        if not self.synced:
+            return None
+        return time.time_ns() // 1000000 + self.skew_ms
+
+    def set_time_ms(self, now_ms):
+        """Set the wall clock (from NTP or the fleet's ``now_ms``)."""
+        self.skew_ms = now_ms - time.time_ns() // 1000000
+        self.synced = True
+
+    # -- network -------------------------------------------------------------------------
+    async def open_connection(self):
+        """Open a TCP stream to the broker, or raise OSError while the network is cut."""
+        if not self.net_up:
+            raise OSError("network down")
+        reader, writer = await asyncio.open_connection(self.broker[0], self.broker[1])
+        if not self.net_up:  # cut while connecting
+            writer.close()
+            raise OSError("network down")
+        self._writers.append(writer)
+        return reader, writer
+
+    def cut_network(self):
+        """Drop every open connection and refuse new ones (Wi-Fi lost)."""
+        self.net_up = False
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            try:
+                writer.close()
+            except OSError:
+                pass  # already closed by the other side
+        self.emit("net", False)
+
+    def restore_network(self):
+        """Allow connections again."""
+        self.net_up = True
+        self.emit("net", True)
+
+    # -- buttons, LEDs, screen -----------------------------------------------------------
+    def press(self, button):
+        """A visitor presses ``button`` (1 = most positive)."""
+        if not 1 <= button <= self.buttons:
+            raise ValueError("button must be 1..%d" % self.buttons)
+        self._presses.append((button, ticks_ms()))
+        self._pressed.set()
+
+    async def next_press(self):
+        """Wait for the next press; returns ``(button, ticks_ms)``."""
+        while not self._presses:
+            self._pressed.clear()
+            await self._pressed.wait()
+        return self._presses.pop(0)
+
+    def set_led(self, button, on):
+        """Light or dim a button's LED."""
+        self.leds[button - 1] = on
+        self.emit("led", [button, on])
+
+    def show(self, lines):
+        """Put text lines on the display."""
+        self.screen = list(lines)
+        self.emit("screen", self.screen)
+
+    def heap_free(self):
+        """Free heap bytes, where the interpreter can tell."""
+        try:
+            import gc
+
+            return gc.mem_free()  # MicroPython only
+        except AttributeError:
+            return None
+
+    def battery_mv(self):
+        """Battery voltage in mV; None on mains power (the simulated default)."""
+        return None
+
+    def rssi(self):
+        """Wi-Fi signal strength; the simulated network is perfect."""
+        return -40 if self.net_up else None

@@ -1,0 +1,89 @@
+"""Device configuration (``config.json``): load and validate at boot.
+
+Errors name the key and say what to do, because an installer reads them on a 128x64 screen or
+in the provisioning log.  A bad config never crashes the terminal: the app shows the error and
+keeps retrying (safe mode).
+"""
+
+import json
+
+DEFAULTS = {
+    "topic_root": "fb/v1",
+    "board": "esp32-devkitc",
+    "buttons": 4,
+    "keepalive_s": 60,
+    "health_interval_s": 300,
+    "ack_timeout_s": 15,
+    "batch_max": 50,
+    "debounce_ms": 30,
+    "min_gap_ms": 2000,
+}
+_HEX = "0123456789abcdef"
+
+
+class ConfigError(ValueError):
+    """A config problem; ``key`` names the offending key."""
+
+    def __init__(self, key, message):
+        super().__init__("%s: %s" % (key, message))
+        self.key = key
+
+
+def _require(cfg, key, kind, name=None):
+    value = cfg.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(name or key, "missing or not a %s" % kind.__name__)
+    return value
+
+
+def valid_device_id(device_id):
+    """True for ``pt-`` followed by 12 lowercase hex digits."""
+    if not isinstance(device_id, str) or len(device_id) != 15 or device_id[:3] != "pt-":
+        return False
+    return all(c in _HEX for c in device_id[3:])
+
+
+def validate(raw):
+    """Return a complete config dict from ``raw``; raise ConfigError on the first problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config", "must be a JSON object")
+    cfg = dict(DEFAULTS)
+    cfg.update(raw)
+    if not valid_device_id(cfg.get("device_id")):
+        raise ConfigError("device_id", "must be 'pt-' and 12 lowercase hex digits")
+    mqtt = _require(cfg, "mqtt", dict)
+    _require(mqtt, "host", str, "mqtt.host")
+    port = mqtt.get("port", 1883)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError("mqtt.port", "must be a TCP port number")
+    mqtt["port"] = port
+    _require(mqtt, "user", str, "mqtt.user")
+    _require(mqtt, "password", str, "mqtt.password")
+    buttons = cfg["buttons"]
+    if not isinstance(buttons, int) or not 2 <= buttons <= 5:
+        raise ConfigError("buttons", "must be 2..5")
+    for key in ("keepalive_s", "health_interval_s", "ack_timeout_s", "batch_max",
+                "debounce_ms", "min_gap_ms"):
+        value = cfg[key]
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(key, "must be a non-negative integer")
+    batch_max = cfg["batch_max"]
+    if not isinstance(batch_max, int) or not 1 <= batch_max <= 50:
+        raise ConfigError("batch_max", "must be 1..50 (protocol v1 limit)")
+    wifi = cfg.get("wifi")
+    if wifi is not None:
+        _require(wifi, "ssid", str, "wifi.ssid")
+        _require(wifi, "password", str, "wifi.password")
+    return cfg
+
+
+def load(path):
+    """Read and validate the config file at ``path``."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError:
+        raise ConfigError("config", "cannot read %s; provision the device" % path) from None
+    except ValueError:
+        raise ConfigError("config", "%s is not valid JSON; re-provision the device" % path) from None
+    return validate(raw)

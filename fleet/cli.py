@@ -1,0 +1,192 @@
+"""The ``palaute`` command: one entry point for every user of the system."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from fleet.config import Settings
+
+
+def _settings() -> Settings:
+    from fleet.config import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                           for e in exc.errors())
+        raise SystemExit(f"palaute: invalid settings: {errors}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the self-contained demo."""
+    from fleet.demo import print_summary, run_demo
+
+    try:
+        summary = asyncio.run(run_demo(
+            terminals=args.terminals, duration=args.duration, api_port=args.port,
+            presses_per_minute=args.rate, data_dir=args.data_dir, as_json=args.json))
+    except KeyboardInterrupt:
+        return 130
+    print_summary(summary, as_json=args.json)
+    return 0 if summary.votes_pressed == summary.votes_stored else 1
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    """Apply database migrations."""
+    from fleet.db.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    print(f"database at {settings.db_url.split('@')[-1]} is up to date")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the fleet API."""
+    import uvicorn
+
+    from fleet.api.app import create_app
+    from fleet.db.engine import make_engine, make_sessionmaker
+
+    settings = _settings()
+    app = create_app(make_sessionmaker(make_engine(settings.db_url)))
+    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Run one ingest worker until SIGTERM or Ctrl-C."""
+    from fleet.db.engine import make_engine, make_sessionmaker
+    from fleet.ingest.worker import IngestWorker
+
+    settings = _settings()
+    worker = IngestWorker(settings, make_sessionmaker(make_engine(settings.db_url)),
+                          client_id=args.worker_id)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker.start()
+    try:
+        if not worker.wait_ready(args.connect_timeout):
+            print(f"palaute ingest: could not connect and subscribe to {settings.mqtt_url} "
+                  f"within {args.connect_timeout}s; still retrying", file=sys.stderr)
+        logging.getLogger("palaute.ingest").info("ingest worker running")
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.stop()
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """Run simulated terminals against a broker."""
+    import json
+
+    from fleet.mqtt_url import parse_mqtt_url
+    from simulator.virtual import VirtualFleet
+
+    target = parse_mqtt_url(args.mqtt_url)
+    passwords: dict[str, str] = {}
+    if args.credentials:
+        try:
+            passwords = json.loads(Path(args.credentials).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"palaute sim: cannot read credentials file: {exc}") from None
+
+    async def run() -> None:
+        fleet = VirtualFleet(Path(args.data_dir), target.host, target.port,
+                             credentials=lambda d: (d, passwords.get(d, "")))
+        for index in range(args.count):
+            fleet.add(f"pt-{args.id_prefix}{index:0{12 - len(args.id_prefix)}x}")
+        fleet.start()
+        visitors = asyncio.create_task(fleet.visitors(presses_per_minute=args.rate))
+        try:
+            await asyncio.sleep(args.duration if args.duration else 10**9)
+        finally:
+            visitors.cancel()
+            await fleet.stop()
+            print(f"pressed {fleet.pressed}, still in flash {fleet.pending}")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    """Commands whose implementation is tracked in a later issue."""
+    print(f"palaute {args.command}: not available in this version yet "
+          "(see docs/installer.md for the plan)", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="palaute", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run broker, database, API, ingest and 20 terminals")
+    demo.add_argument("--terminals", type=int, default=20)
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds and print a summary")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--port", type=int, default=8000, help="API port (another if busy)")
+    demo.add_argument("--rate", type=float, default=12.0,
+                      help="presses per terminal per minute")
+    demo.add_argument("--data-dir", type=Path, default=None,
+                      help="keep the database and terminal flash here (default: a temp dir)")
+    demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="run the fleet API (PALAUTE_DB_URL)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    ingest = sub.add_parser("ingest", help="run an ingest worker (PALAUTE_MQTT_URL, _DB_URL)")
+    ingest.add_argument("--worker-id", default=None,
+                        help="MQTT client id; unique and stable per worker (persistent session)")
+    ingest.add_argument("--connect-timeout", type=float, default=15.0)
+    ingest.set_defaults(func=cmd_ingest)
+
+    sim = sub.add_parser("sim", help="run simulated terminals against a broker")
+    sim.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    sim.add_argument("--count", type=int, default=20)
+    sim.add_argument("--rate", type=float, default=12.0, help="presses per terminal per minute")
+    sim.add_argument("--duration", type=float, default=None)
+    sim.add_argument("--data-dir", default="sim-flash")
+    sim.add_argument("--id-prefix", default="51", help="hex prefix of simulated device ids")
+    sim.add_argument("--credentials", default=None,
+                     help="JSON file mapping device id to MQTT password")
+    sim.set_defaults(func=cmd_sim)
+
+    db = sub.add_parser("db", help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+
+    for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
+                       ("provision", "provision a terminal over serial")):
+        sub.add_parser(name, help=text).set_defaults(func=cmd_not_yet)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``palaute`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

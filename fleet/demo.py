@@ -1,0 +1,194 @@
+"""``palaute demo``: the whole system on one machine, with no external services.
+
+An embedded MQTT broker (amqtt), SQLite, the fleet API, the ingest worker and simulated
+terminals running the real firmware code, with visitors pressing buttons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from fleet.api.app import create_app
+from fleet.config import Settings
+from fleet.db.engine import make_engine, make_sessionmaker
+from fleet.db.migrate import upgrade
+from fleet.ingest.metrics import Metrics
+from fleet.ingest.worker import IngestWorker
+from fleet.services import registry
+from fleet.services.stats import fleet_totals
+
+SITES = ("Helsinki Airport T2", "Tampere Central Library", "Oulu Clinic", "Turku Market Hall")
+
+
+@dataclass
+class DemoSummary:
+    """What a demo run did; ``votes_pressed`` must equal ``votes_stored``."""
+
+    duration_s: float
+    terminals: int
+    votes_pressed: int
+    votes_stored: int
+    votes_filtered: int
+    votes_pending_in_flash: int
+    refused: int
+    api_docs: str
+    data_dir: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_available(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def demo_device_id(index: int) -> str:
+    """Deterministic device ids for the demo's terminals."""
+    return f"pt-de{index:010x}"
+
+
+def seed(settings: Settings, terminals: int) -> None:
+    """Create a demo customer with sites and assign the terminals round-robin."""
+    engine = make_engine(settings.db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        customer = registry.create_customer(session, name="Demo Oy")
+        sites = [registry.create_site(session, customer_id=customer.id, name=name,
+                                      timezone="Europe/Helsinki") for name in SITES]
+        start = 0  # assigned since the epoch: every vote of the demo belongs to its site
+        for index in range(terminals):
+            device = registry.register_device(session, device_id=demo_device_id(index),
+                                              board="sim")
+            registry.assign_device(session, device_id=device.id,
+                                   site_id=sites[index % len(sites)].id, at_ms=start)
+    engine.dispose()
+
+
+async def _start_broker(port: int) -> Any:
+    from amqtt.broker import Broker
+
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        # Loopback only and gone when the demo ends; production brokers require credentials.
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
+            "allow_anonymous": True}},
+    }
+    broker = Broker(config)
+    await broker.start()
+    return broker
+
+
+async def run_demo(*, terminals: int, duration: float | None, api_port: int,
+                   presses_per_minute: float, data_dir: Path | None, as_json: bool) -> DemoSummary:
+    """Run the demo until ``duration`` seconds pass (or forever) and return its summary."""
+    from simulator.virtual import VirtualFleet
+
+    for noisy in ("amqtt", "transitions", "uvicorn.error", "palaute.ingest"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    workdir = data_dir or Path(tempfile.mkdtemp(prefix="palaute-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_path = workdir / "palaute.db"
+    fresh = not db_path.exists()
+    broker_port = _free_port()
+    settings = Settings(
+        db_url=f"sqlite:///{db_path}", mqtt_url=f"mqtt://127.0.0.1:{broker_port}",
+        mqtt_protocol="3.1.1", ingest_shared_group="", mqtt_client_id="palaute-demo-ingest")
+    upgrade(settings.db_url)
+    if fresh:
+        seed(settings, terminals)
+    engine = make_engine(settings.db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        stored_before = fleet_totals(session).votes
+
+    broker = await _start_broker(broker_port)
+    metrics = Metrics()
+    worker = IngestWorker(settings, sessions, metrics=metrics)
+    worker.start()
+    if not await asyncio.to_thread(worker.wait_ready, 15):
+        raise RuntimeError("the ingest worker could not subscribe to the embedded broker")
+
+    port = api_port if _port_available(api_port) else _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(sessions, metrics=metrics),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    api_task = asyncio.create_task(server.serve())
+    docs = f"http://127.0.0.1:{port}/docs"
+
+    fleet = VirtualFleet(workdir / "terminals", "127.0.0.1", broker_port,
+                         settings={"health_interval_s": 60, "ack_timeout_s": 5})
+    for index in range(terminals):
+        fleet.add(demo_device_id(index))
+    fleet.start()
+    visitors = asyncio.create_task(fleet.visitors(presses_per_minute=presses_per_minute))
+    out = sys.stderr if as_json else sys.stdout
+    print(f"Palaute demo: {terminals} terminals, embedded MQTT broker on port {broker_port}, "
+          f"SQLite at {db_path}", file=out)
+    print(f"API docs: {docs}   (Ctrl-C to stop)", file=out)
+    started = time.monotonic()
+    try:
+        while duration is None or time.monotonic() - started < duration:
+            await asyncio.sleep(1)
+            with sessions() as session:
+                totals = fleet_totals(session)
+            line = (f"pressed {fleet.pressed:6d} | stored {totals.votes - stored_before:6d} | "
+                    f"in flash {fleet.pending:4d} | online {fleet.online:2d}/{terminals} | "
+                    f"refused {metrics.total('palaute_ingest_refused_total')}")
+            print("\r" + line if out.isatty() else line, end="" if out.isatty() else "\n",
+                  file=out, flush=True)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        visitors.cancel()
+        # Let every terminal upload what it holds before counting: nothing may be left behind.
+        drain_deadline = time.monotonic() + 60
+        while fleet.pending and time.monotonic() < drain_deadline:
+            await asyncio.sleep(0.1)
+        if out.isatty():
+            print(file=out)
+        await fleet.stop()
+        await asyncio.to_thread(worker.stop)
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await api_task
+        await broker.shutdown()
+    with sessions() as session:
+        totals = fleet_totals(session)
+    engine.dispose()
+    return DemoSummary(
+        duration_s=round(time.monotonic() - started, 1), terminals=terminals,
+        votes_pressed=fleet.pressed, votes_stored=totals.votes - stored_before,
+        votes_filtered=totals.votes_filtered, votes_pending_in_flash=fleet.pending,
+        refused=metrics.total("palaute_ingest_refused_total"), api_docs=docs,
+        data_dir=str(workdir))
+
+
+def print_summary(summary: DemoSummary, *, as_json: bool) -> None:
+    """Print the summary as text or as one JSON object."""
+    if as_json:
+        print(json.dumps(asdict(summary)))
+        return
+    ok = "OK" if summary.votes_pressed == summary.votes_stored else "MISMATCH"
+    print(f"Summary ({summary.duration_s}s, {summary.terminals} terminals): "
+          f"{summary.votes_pressed} pressed, {summary.votes_stored} stored "
+          f"({summary.votes_filtered} flagged by the abuse filter), "
+          f"{summary.votes_pending_in_flash} left in flash, {summary.refused} refused — {ok}")

@@ -1,0 +1,1 @@
+"""Simulator: virtual terminals that run the real firmware code, with visitor traffic."""

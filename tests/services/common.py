@@ -1,0 +1,66 @@
+"""Shared plumbing for the service fixtures: free ports, waiting, and missing binaries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def in_ci() -> bool:
+    """True when running under CI, where every real-service test is mandatory."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require_binary(name: str, hint: str, extra_dirs: tuple[str, ...] = ()) -> str:
+    """Return the path of executable ``name``; fail (CI) or skip (local) loudly if absent."""
+    for directory in (str(VENV_BIN), *extra_dirs):
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed: {hint}"
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+    raise AssertionError("unreachable")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it is true; raise with ``what`` in the message on timeout.
+
+    Used only where no event can be awaited (a server process becoming ready).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True if something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
