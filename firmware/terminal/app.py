@@ -102,8 +102,9 @@ class Terminal:
     # -- health -----------------------------------------------------------------------------
     def health(self):
         """The health payload (protocol v1)."""
+        uptime_s = ticks_diff(ticks_ms(), self._boot_ticks) // 1000
         return {
-            "ts_ms": self.board.time_ms(), "uptime_s": ticks_diff(ticks_ms(), self._boot_ticks) // 1000,
+            "ts_ms": self.board.time_ms(), "uptime_s": uptime_s,
             "heap_free": self.board.heap_free(), "rssi": self.board.rssi(),
             "battery_mv": self.board.battery_mv(), "queue": self.log.pending,
             "fw": FW_VERSION, "content_version": self.content_version,

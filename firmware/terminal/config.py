@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 def _require(cfg, key, kind, name=None):
     value = cfg.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(name or key, "missing or not a %s" % kind.__name__)
     return value
 
@@ -85,5 +85,6 @@ def load(path):
     except OSError:
         raise ConfigError("config", "cannot read %s; provision the device" % path) from None
     except ValueError:
-        raise ConfigError("config", "%s is not valid JSON; re-provision the device" % path) from None
+        raise ConfigError("config",
+                          "%s is not valid JSON; re-provision the device" % path) from None
     return validate(raw)

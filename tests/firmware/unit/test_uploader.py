@@ -1,0 +1,115 @@
+"""Upload policy: stop-and-wait batches, trim on ack, resend on timeout or link loss."""
+
+import asyncio
+import json
+
+from terminal.uploader import Uploader
+
+
+class FakeLog:
+    """In-memory stand-in for VoteLog with the same interface the uploader uses."""
+
+    def __init__(self, n):
+        self.votes = [(s, 1000 + s, 1, 0, 0) for s in range(1, n + 1)]
+        self.acked_seq = 0
+
+    @property
+    def pending(self):
+        return len(self.votes)
+
+    def batch(self, max_n):
+        return self.votes[:max_n]
+
+    def ack(self, seq):
+        self.votes = [v for v in self.votes if v[0] > seq]
+        self.acked_seq = seq
+
+
+class Wire:
+    """Collects published payloads; can fail like a dropped link."""
+
+    def __init__(self):
+        self.sent = []
+        self.fail_next = 0
+        self.published = asyncio.Event()
+
+    async def publish(self, topic, payload, qos):
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("link down")
+        self.sent.append((topic, json.loads(payload), qos))
+        self.published.set()
+
+    async def next(self):
+        await asyncio.wait_for(self.published.wait(), 5)
+        self.published.clear()
+        return self.sent[-1]
+
+
+def make(n, **kw):
+    up = asyncio.Event()
+    up.set()
+    wire = Wire()
+    log = FakeLog(n)
+    return Uploader(log, up, wire.publish, "fb/v1/d/pt-0123456789ab/votes", **kw), log, wire
+
+
+def test_batches_wait_for_ack_and_trim():
+    async def main():
+        up, log, wire = make(120, batch_max=50, ack_timeout_s=5)
+        task = asyncio.create_task(up.run())
+        topic, first, qos = await wire.next()
+        assert qos == 1 and topic.endswith("/votes")
+        assert [v[0] for v in first["votes"]] == list(range(1, 51))
+        assert first["after"] == 0
+        up.on_ack(50)
+        _, second, _ = await wire.next()
+        assert second["votes"][0][0] == 51 and second["after"] == 50
+        assert len(wire.sent) == 2  # nothing more until the ack arrives
+        up.on_ack(100)
+        _, third, _ = await wire.next()
+        assert len(third["votes"]) == 20
+        up.on_ack(120)
+        up.stop()
+        await asyncio.wait_for(task, 5)
+        assert log.pending == 0
+    asyncio.run(main())
+
+
+def test_resends_same_batch_after_ack_timeout():
+    async def main():
+        up, _, wire = make(3, ack_timeout_s=0.05)
+        task = asyncio.create_task(up.run())
+        _, a, _ = await wire.next()
+        _, b, _ = await wire.next()  # no ack: the same votes again
+        assert a == b
+        assert up.resends >= 1
+        up.on_ack(3)
+        up.stop()
+        await asyncio.wait_for(task, 5)
+    asyncio.run(main())
+
+
+def test_link_failure_retries_and_new_votes_wake_the_uploader():
+    async def main():
+        up, log, wire = make(0, ack_timeout_s=5)
+        wire.fail_next = 1
+        task = asyncio.create_task(up.run())
+        await asyncio.sleep(0)
+        log.votes.append((1, 5, 2, 0, 0))
+        up.notify()
+        _, payload, _ = await wire.next()  # first publish failed, second went out
+        assert payload["votes"] == [[1, 5, 2, 0, 0]]
+        up.on_ack(1)
+        up.stop()
+        await asyncio.wait_for(task, 5)
+    asyncio.run(main())
+
+
+def test_stale_ack_does_not_move_backwards():
+    async def main():
+        up, log, _ = make(5)
+        up.on_ack(3)
+        up.on_ack(2)
+        assert log.acked_seq == 3 and log.pending == 2
+    asyncio.run(main())

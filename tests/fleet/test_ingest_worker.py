@@ -1,0 +1,161 @@
+"""The ingest worker against a real Mosquitto: acks after commit, bad input refused and counted.
+
+Messages are published with the real C client ``mosquitto_pub``.  Each check ends with a valid
+message whose ``ack`` the test awaits: one worker processes its queue in order, so by then
+every earlier message has been handled.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import select
+
+from fleet.config import Settings
+from fleet.db.engine import make_engine, make_sessionmaker
+from fleet.db.models import Device
+from fleet.db.models import Vote as VoteRow
+from fleet.ingest.worker import IngestWorker
+from fleet.services import registry
+from fleet.services.clock import now_ms
+from tests.services.common import require_binary
+from tests.services.mosquitto import MosquittoBroker
+
+pytestmark = pytest.mark.mosquitto
+DEV = "pt-00000000abcd"
+
+
+class AckListener:
+    """A paho subscriber collecting ``ack`` messages."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.acks: queue.Queue[tuple[str, dict[str, int]]] = queue.Queue()
+        self.ready = queue.Queue[bool]()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ack-listener")
+        self.client.username_pw_set(broker.admin_user, broker.admin_password)
+        self.client.on_message = lambda _c, _u, m: self.acks.put(
+            (m.topic, json.loads(m.payload)))
+        self.client.on_subscribe = lambda *_: self.ready.put(True)
+        self.client.on_connect = lambda c, *_: c.subscribe("fb/v1/d/+/ack", 1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.ready.get(timeout=10)
+
+    def next(self, timeout: float = 15) -> tuple[str, dict[str, int]]:
+        return self.acks.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def worker(mosquitto: MosquittoBroker, db_url: str) -> Iterator[IngestWorker]:
+    sessions = make_sessionmaker(make_engine(db_url))
+    with sessions.begin() as session:
+        customer = registry.create_customer(session, name="Ingest Oy")
+        site = registry.create_site(session, customer_id=customer.id, name="Exit")
+        registry.register_device(session, device_id=DEV)
+        registry.assign_device(session, device_id=DEV, site_id=site.id, at_ms=0)
+    settings = Settings(db_url=db_url, environment="test",
+                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
+                                                   mosquitto.admin_password))
+    worker = IngestWorker(settings, sessions, client_id="test-ingest")
+    worker.start()
+    assert worker.wait_ready(15), "ingest worker did not subscribe"
+    yield worker
+    worker.stop()
+
+
+def publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:
+    """Publish with the real C client, QoS 1."""
+    subprocess.run(
+        [require_binary("mosquitto_pub", "apt-get install mosquitto-clients"),
+         "-h", broker.host, "-p", str(broker.port), "-u", broker.admin_user,
+         "-P", broker.admin_password, "-q", "1", "-t", topic, "-s"],
+        input=payload, check=True, timeout=10)
+
+
+def votes(*rows: list[int]) -> bytes:
+    return json.dumps({"votes": [list(r) for r in rows]}).encode()
+
+
+def test_votes_from_the_c_client_are_stored_and_acked(
+        mosquitto: MosquittoBroker, worker: IngestWorker) -> None:
+    listener = AckListener(mosquitto)
+    try:
+        t = now_ms()
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([1, t, 1, 0, 0], [2, t, 4, 0, 0]))
+        topic, ack = listener.next()
+        assert topic == f"fb/v1/d/{DEV}/ack" and ack["seq"] == 2
+        assert abs(ack["now_ms"] - now_ms()) < 60_000
+        # A re-send is stored once and acknowledged again.
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([1, t, 1, 0, 0], [2, t, 4, 0, 0]))
+        assert listener.next()[1]["seq"] == 2
+    finally:
+        listener.close()
+    with worker.sessions() as session:
+        assert session.scalars(select(VoteRow.seq).order_by(VoteRow.seq)).all() == [1, 2]
+    assert worker.metrics.get("palaute_ingest_votes_duplicate_total") == 2
+
+
+def test_malformed_messages_are_refused_counted_and_never_stop_the_worker(
+        mosquitto: MosquittoBroker, worker: IngestWorker) -> None:
+    listener = AckListener(mosquitto)
+    t = now_ms()
+    bad = [
+        (f"fb/v1/d/{DEV}/votes", b"{not json"),
+        (f"fb/v1/d/{DEV}/votes", b"\x00\xff" * 10),
+        (f"fb/v1/d/{DEV}/votes", votes([1, t, True, 0, 0])),
+        (f"fb/v1/d/{DEV}/votes", votes([3, t, 1, 0, 0], [2, t, 1, 0, 0])),
+        (f"fb/v1/d/{DEV}/votes", b"[" * 20_000),
+        (f"fb/v1/d/{DEV}/votes", votes([1, t + 10**10, 1, 0, 0])),
+        (f"fb/v1/d/{DEV}/health", b"[]"),
+        ("fb/v1/d/pt-NOTHEX000000/votes", votes([1, t, 1, 0, 0])),
+        ("fb/v1/d/pt-0000000000ff/votes", votes([1, t, 1, 0, 0])),
+    ]
+    try:
+        for topic, payload in bad:
+            publish(mosquitto, topic, payload)
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([1, t, 3, 0, 0]))
+        topic, ack = listener.next()
+    finally:
+        listener.close()
+    assert (topic, ack["seq"]) == (f"fb/v1/d/{DEV}/ack", 1)
+    refused = {reason: worker.metrics.get("palaute_ingest_refused_total", reason=reason)
+               for reason in ("bad_json", "bad_type", "seq_order", "too_large", "future_ts",
+                              "bad_shape", "bad_device_id", "unknown_device")}
+    assert refused == {"bad_json": 2, "bad_type": 1, "seq_order": 1, "too_large": 1,
+                       "future_ts": 1, "bad_shape": 1, "bad_device_id": 1,
+                       "unknown_device": 1}
+    with worker.sessions() as session:
+        assert session.scalars(select(VoteRow.button)).all() == [3]
+        assert session.get(Device, "pt-0000000000ff") is None
+
+
+def test_status_and_will_mark_devices_online_and_offline(
+        mosquitto: MosquittoBroker, worker: IngestWorker) -> None:
+    listener = AckListener(mosquitto)
+    try:
+        publish(mosquitto, f"fb/v1/d/{DEV}/status", b'{"online": true, "fw": "0.1.0"}')
+        publish(mosquitto, f"fb/v1/d/{DEV}/health",
+                b'{"fw": "0.1.0", "content_version": 4, "queue": 0}')
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([1, now_ms(), 1, 0, 0]))
+        listener.next()
+        with worker.sessions() as session:
+            device = session.get_one(Device, DEV)
+            assert (device.online, device.fw_version, device.content_version) == (
+                True, "0.1.0", 4)
+        publish(mosquitto, f"fb/v1/d/{DEV}/status", b'{"online": false}')
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([2, now_ms(), 1, 0, 0]))
+        listener.next()
+    finally:
+        listener.close()
+    with worker.sessions() as session:
+        assert session.get_one(Device, DEV).online is False
