@@ -1,0 +1,370 @@
+"""A real Mosquitto broker per test, configured like production: no anonymous access, ACLs.
+
+Each :class:`MosquittoBroker` runs its own ``mosquitto`` on a free 127.0.0.1 port, with every
+file (config, password file, ACL file, persistence database, log) in its own directory.
+
+Behaviour of Mosquitto 2.0.x worth knowing when writing tests (checked against 2.0.11):
+
+* **Subscriptions are not ACL-checked.**  With an ``acl_file``, a device that subscribes to
+  ``#`` or to another device's ``fb/v1/d/<other>/#`` gets a *granted* SUBACK (QoS as asked),
+  for MQTT 3.1.1 and 5 alike; it simply never receives a message it may not read, because
+  the read ACL is applied when each message is delivered.  (Plugins can deny subscriptions,
+  and then the SUBACK carries 0x80; the plain ACL file does not.)
+* **Denied publishes are dropped silently.**  A QoS 1 publish to a topic the client may not
+  write is still PUBACKed (MQTT 3.1.1 has no way to say no), then discarded.
+* **Bad credentials and anonymous clients** both get CONNACK code 5, "not authorised"
+  (paho 2.x reports it as reason code 135).
+* **Reload is signalled before it happens.**  On SIGHUP the broker logs ``Reloading config.``
+  and *then* re-reads the password and ACL files, in its single-threaded main loop.  So after
+  the line appears, any connection the broker answers was answered with the new files: that
+  is what :meth:`MosquittoBroker.add_user` waits for.
+* **Persistence is written on clean shutdown only** (``autosave_interval 0``): ``restart()``
+  keeps persistent sessions and their queued QoS 1/2 messages; after ``kill()`` the broker
+  comes back with the state of its last clean shutdown, like a crash before an autosave.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+from urllib.parse import quote
+
+import pytest
+
+from tests.services.common import free_port, port_open, require_binary, wait_until
+
+INSTALL_HINT = ("run scripts/install-system-packages.sh "
+                "(Debian packages mosquitto, mosquitto-clients)")
+# Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin")
+
+ADMIN_USER = "palaute-admin"
+# A device's MQTT username is its device id, so "%u" confines it to its own topic subtree.
+DEVICE_ACL_PATTERN = "fb/v1/d/%u/#"
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+RELOAD_TIMEOUT = 10.0
+
+_RUNNING_LINE = re.compile(r"mosquitto version \S+ running")
+_RELOAD_LINE = "Reloading config."
+
+CONNACK_ACCEPTED = 0
+CONNACK_NOT_AUTHORISED = 5
+
+
+def _kill_process(process: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup (garbage collection or interpreter exit): SIGKILL if still alive."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+class MosquittoBroker:
+    """One ``mosquitto`` process with its config, users and persistence in ``workdir``.
+
+    The port is chosen once, so it stays the same across :meth:`restart`.  An admin user
+    (:attr:`admin_user` / :attr:`admin_password`, full access plus ``$SYS``) always exists.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config_file = workdir / "mosquitto.conf"
+        self.password_file = workdir / "passwd"
+        self.acl_file = workdir / "acl"
+        self.persistence_dir = workdir / "persistence"
+        self.log_file = workdir / "mosquitto.log"
+        # stdout/stderr: errors from before the log file is opened (bad config, port in use).
+        self.output_file = workdir / "mosquitto.out"
+        self._mosquitto = require_binary("mosquitto", INSTALL_HINT, SBIN_DIRS)
+        self._mosquitto_passwd = require_binary("mosquitto_passwd", INSTALL_HINT, SBIN_DIRS)
+        self._admins: dict[str, bool] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], MosquittoBroker] | None = None
+
+        self.persistence_dir.mkdir(exist_ok=True)
+        # mosquitto refuses to start if the password file named in its config is missing.
+        self.password_file.touch()
+        self._write_config()
+        self.admin_user = ADMIN_USER
+        self.admin_password = secrets.token_urlsafe(16)
+        self.add_user(self.admin_user, self.admin_password, admin=True)
+
+    # -- addresses -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``mqtt://127.0.0.1:PORT`` without credentials."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    def url_for(self, username: str, password: str) -> str:
+        """``mqtt://user:pass@127.0.0.1:PORT``, credentials percent-encoded."""
+        credentials = f"{quote(username, safe='')}:{quote(password, safe='')}"
+        return f"mqtt://{credentials}@{self.host}:{self.port}"
+
+    # -- users -----------------------------------------------------------------------------
+
+    def add_user(self, username: str, password: str, *, admin: bool = False) -> None:
+        """Create or update a user; if the broker runs, return only once it uses the new files.
+
+        Admins may read and write every topic and read ``$SYS/#``; everyone else may only use
+        ``fb/v1/d/<username>/#``.
+        """
+        if not username or ":" in username:
+            raise ValueError(f"invalid MQTT username {username!r}")
+        subprocess.run([self._mosquitto_passwd, "-b", str(self.password_file), username, password],
+                       check=True, capture_output=True, timeout=30)
+        self._admins[username] = admin
+        self._write_acl()
+        if self.running:
+            self._reload(username, password)
+
+    def _write_acl(self) -> None:
+        lines = [
+            "# Generated by tests/services/mosquitto.py.",
+            "# Every client: only its own device subtree (username = device id).",
+            f"pattern readwrite {DEVICE_ACL_PATTERN}",
+            "",
+        ]
+        for username, admin in sorted(self._admins.items()):
+            if admin:
+                # "#" never matches topics starting with "$", so $SYS needs its own line.
+                lines += [f"user {username}", "topic readwrite #", "topic read $SYS/#", ""]
+        _write_atomically(self.acl_file, "\n".join(lines))
+
+    def _reload(self, username: str, password: str) -> None:
+        """SIGHUP, then prove the reload finished by logging in with the new credentials."""
+        assert self._process is not None
+        offset = _size(self.log_file)
+        self._process.send_signal(signal.SIGHUP)
+        self._wait(lambda: _RELOAD_LINE in _read_from(self.log_file, offset), RELOAD_TIMEOUT,
+                   "mosquitto to start reloading its config")
+        # The line is logged before the files are re-read, but the reload runs to completion
+        # before the single-threaded main loop handles another connection.
+        code = self.connack_code(username, password)
+        if code != CONNACK_ACCEPTED:
+            raise RuntimeError(f"mosquitto refused {username!r} after reload (CONNACK {code})\n"
+                               f"{self.log_tail()}")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the mosquitto process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs."""
+        return self._process.pid if self._process is not None and self.running else None
+
+    def start(self) -> None:
+        """Start the broker and wait until it listens; raise with its log if it exits early."""
+        if self.running:
+            return
+        self._close_output()
+        offset = _size(self.log_file)
+        self._output = open(self.output_file, "ab")  # noqa: SIM115 (kept open while it runs)
+        self._process = subprocess.Popen(
+            [self._mosquitto, "-c", str(self.config_file)], cwd=self.workdir,
+            stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Own session: a Ctrl-C aimed at pytest must not kill the broker before the
+            # fixture's teardown has stopped it cleanly.
+            start_new_session=True)
+        self._finalizer = weakref.finalize(self, _kill_process, self._process)
+        try:
+            # The "running" line follows a successful bind; checking it (not only the port)
+            # catches the case of another process owning the port in the meantime.
+            self._wait(lambda: bool(_RUNNING_LINE.search(_read_from(self.log_file, offset)))
+                       and port_open(self.port, self.host), START_TIMEOUT,
+                       f"mosquitto to listen on port {self.port}")
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM and wait: a clean shutdown that saves the persistence database."""
+        self._signal_and_wait(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; nothing since this process started is saved (no autosave)."""
+        self._signal_and_wait(signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Clean stop and start on the same port with the same persistence database."""
+        self.stop()
+        self.start()
+
+    def _signal_and_wait(self, signum: signal.Signals) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signum)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._close_output()
+
+    def _close_output(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """``wait_until`` that fails at once, with the log, if the broker has exited."""
+        def check() -> bool:
+            if not self.running:
+                raise RuntimeError(f"mosquitto exited while waiting for {what}\n{self.log_tail()}")
+            return predicate()
+        try:
+            wait_until(check, timeout, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
+
+    # -- diagnostics -----------------------------------------------------------------------
+
+    def connack_code(self, username: str | None, password: str | None,
+                     timeout: float = 5.0) -> int:
+        """Log in with a bare MQTT 3.1.1 CONNECT and return the CONNACK code (0 = accepted).
+
+        Dependency-free and synchronous, so it is usable where a paho loop would be overkill.
+        """
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(_connect_packet(f"palaute-probe-{secrets.token_hex(4)}",
+                                         username, password))
+            reply = _recv_exactly(sock, 4)
+            if reply[0] != 0x20:
+                raise RuntimeError(f"expected CONNACK from mosquitto, got {reply!r}")
+            if reply[3] == CONNACK_ACCEPTED:
+                sock.sendall(b"\xe0\x00")  # DISCONNECT, so no "connection lost" in the log.
+            return reply[3]
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the broker's log file and of its stdout/stderr."""
+        parts = []
+        for path in (self.log_file, self.output_file):
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path.name}:\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def _write_config(self) -> None:
+        lines = [
+            "# Generated by tests/services/mosquitto.py.",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"password_file {self.password_file}",
+            f"acl_file {self.acl_file}",
+            "persistence true",
+            # mosquitto requires the trailing slash on a directory.
+            f"persistence_location {self.persistence_dir}/",
+            # Save only on clean shutdown (or SIGUSR1), so restart() vs kill() is deterministic.
+            "autosave_interval 0",
+            # Benchmarks queue many QoS 1 messages for offline persistent sessions; the default
+            # (1000) would drop them.
+            "max_queued_messages 100000",
+            f"listener {self.port} {self.host}",
+            # Small MQTT packets: without this, Nagle's algorithm adds latency to every test.
+            "set_tcp_nodelay true",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "log_type subscribe",
+            "log_type unsubscribe",
+            "connection_messages true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        ]
+        if os.geteuid() == 0:
+            # As root, mosquitto 2 switches to the "mosquitto" user, which cannot enter the
+            # 0700 pytest temp dir; staying root is harmless for a broker bound to 127.0.0.1.
+            lines.append("user root")
+        _write_atomically(self.config_file, "\n".join(lines) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` so that a concurrent reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + ("" if text.endswith("\n") else "\n"))
+    os.replace(tmp, path)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """The text appended to ``path`` since it was ``offset`` bytes long."""
+    if not path.exists():
+        return ""
+    with open(path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def _mqtt_string(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def _remaining_length(length: int) -> bytes:
+    out = bytearray()
+    while True:
+        length, digit = divmod(length, 128)
+        out.append(digit | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+def _connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
+    """An MQTT 3.1.1 CONNECT with clean session and the given (optional) credentials."""
+    flags = 0x02
+    payload = _mqtt_string(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _mqtt_string(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _mqtt_string(password)
+    body = _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack("!H", 10) + payload
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+def _recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError(f"mosquitto closed the connection after {data!r}")
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A started broker with admin ``palaute-admin`` (``admin_user`` / ``admin_password``)."""
+    broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
