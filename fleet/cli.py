@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
 
+    from fleet.pinmaps import add_hardware_parser
+
+    add_hardware_parser(sub)
+
     for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
                        ("provision", "provision a terminal over serial")):
         sub.add_parser(name, help=text).set_defaults(func=cmd_not_yet)
