@@ -128,7 +128,7 @@ async def run_demo(*, terminals: int, duration: float | None, api_port: int,
     if not await asyncio.to_thread(worker.wait_ready, 15):
         raise RuntimeError("the ingest worker could not subscribe to the embedded broker")
 
-    port = api_port if _port_available(api_port) else _free_port()
+    port = api_port if api_port and _port_available(api_port) else _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(sessions, metrics=metrics),
                                            host="127.0.0.1", port=port, log_level="warning"))
     api_task = asyncio.create_task(server.serve())

@@ -41,7 +41,7 @@ class Terminal:
             self.client,
             subscriptions=[(self.prefix + "ack", 1), (self.prefix + "desired", 1),
                            (self.prefix + "cmd", 1)],
-            birth=(self.prefix + "status", self._status_payload(), 1, True),
+            birth=(self.prefix + "status", self._status_payload, 1, True),
             on_up=lambda: board.emit("link", True),
             on_down=lambda: board.emit("link", False))
         self.uploader = Uploader(
