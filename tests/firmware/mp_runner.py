@@ -8,9 +8,8 @@ with ``asyncio.run`` so the same module also runs under pytest (CPython), where 
 ``asyncio.run`` themselves.
 """
 
-import sys
-
 import gc
+import sys
 
 
 def main():
