@@ -175,7 +175,7 @@ class VoteLog:
         self._buf = bytearray(RECORD_SIZE)
         self._mv = memoryview(self._buf)
         self._payload = self._mv[:_PAYLOAD]  # sliced once: crc32 then allocates nothing
-        self._tail_path = None  # path of the newest segment, built once per segment
+        self._tail_path = ""  # path of the newest segment, built once per segment
         # Held segments, oldest first, as parallel lists of small ints (cheap on the heap).
         self._firsts = []  # seq of record 0 (the file name)
         self._slots = []  # records in the file that count (a torn tail is not counted)
@@ -242,7 +242,7 @@ class VoteLog:
         Each is a tuple ``(seq, ts_ms, button, flags, content_version)``.  Reads only those
         records (seeking inside the segment) through the instance's one record buffer.
         """
-        out = []
+        out = []  # type: list
         want = self.acked_seq + 1
         changed = False
         i = 0
