@@ -42,7 +42,7 @@ def run_and_kill(cmd: list[str], env: dict[str, str], lines_before_kill: int) ->
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None and proc.stderr is not None
-    lines = []
+    lines: list[str] = []
     try:
         while len(lines) < lines_before_kill:
             line = proc.stdout.readline()
