@@ -1,9 +1,8 @@
 # The two commands of the README: `make demo` and `make test`.  Both install what they need
 # first and are fast when everything is already there.
-.PHONY: demo test setup system-packages lint typecheck check-firmware pytest bench clean
+.PHONY: demo test setup system-packages lint typecheck check-firmware pytest clean
 
 VENV := .venv
-PY := $(VENV)/bin/python
 
 demo: setup
 	$(VENV)/bin/palaute demo $(ARGS)
@@ -27,9 +26,6 @@ check-firmware: setup
 
 pytest: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
-
-bench: setup system-packages
-	$(PY) -m bench.run
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
