@@ -72,8 +72,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from fleet.ingest.worker import IngestWorker
 
     settings = _settings()
+    telemetry = None
+    if settings.influx_url:
+        from fleet.services.telemetry import InfluxTelemetry
+
+        telemetry = InfluxTelemetry(settings.influx_url, settings.influx_token,
+                                    settings.influx_org, settings.influx_bucket)
     worker = IngestWorker(settings, make_sessionmaker(make_engine(settings.db_url)),
-                          client_id=args.worker_id)
+                          client_id=args.worker_id, telemetry=telemetry)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     worker.start()

@@ -16,20 +16,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.config import Settings
-from fleet.db.models import Device
+from fleet.db.models import Assignment, Device, Site
 from fleet.ingest.metrics import Metrics
 from fleet.mqtt_url import parse_mqtt_url
 from fleet.protocol.v1 import (
@@ -49,6 +49,17 @@ log = logging.getLogger("palaute.ingest")
 LEAVES = ("votes", "health", "status")
 
 
+class TelemetrySink(Protocol):
+    """Where health samples go after commit (``fleet.services.telemetry.InfluxTelemetry``)."""
+
+    def write(self, device_id: str, sample: Mapping[str, Any], tags: Mapping[str, str],
+              received_ms: int) -> None:
+        """Queue one sample; must return at once."""
+
+    def close(self) -> None:
+        """Flush what can be flushed and stop."""
+
+
 @dataclass(slots=True)
 class _Message:
     topic: str
@@ -65,10 +76,12 @@ class IngestWorker:
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
                  client_id: str | None = None, metrics: Metrics | None = None,
+                 telemetry: TelemetrySink | None = None,
                  clock: Callable[[], int] = now_ms) -> None:
         self.settings = settings
         self.sessions = sessions
         self.metrics = metrics or Metrics()
+        self.telemetry = telemetry
         self.topics = Topics(settings.topic_root)
         self.clock = clock
         self._queue: queue.Queue[_Message] = queue.Queue(self.queue_max)
@@ -187,7 +200,7 @@ class IngestWorker:
             try:
                 with self.sessions.begin() as session:
                     result = store_batches(session, vote_batches, received_ms=now)
-                    self._store_presence(session, health, presence, now)
+                    health_tags = self._store_presence(session, health, presence, now)
                 break
             except SQLAlchemyError as exc:
                 # Nothing was acknowledged yet, so retrying the same batch loses nothing.
@@ -208,12 +221,36 @@ class IngestWorker:
         if vote_batches:
             newest = max(v.ts_ms for b in vote_batches for v in b.votes)
             self.metrics.set("palaute_ingest_lag_ms", max(0, self.clock() - newest))
+        for device_id, sample in health.items():
+            tags = health_tags.get(device_id)
+            if tags is None:
+                self._refuse_health(device_id)
+            elif self.telemetry is not None:
+                self.telemetry.write(device_id, sample, tags, now)
         for message in messages:
             if message.qos > 0:
                 self._client.ack(message.mid, message.qos)
 
+    def _refuse_health(self, device_id: str) -> None:
+        self.metrics.inc("palaute_ingest_refused_total", reason="unknown_device")
+        log.warning("refused health from %s: unknown device", device_id)
+
     def _store_presence(self, session: Session, health: dict[str, dict[str, Any]],
-                        presence: dict[str, bool], now: int) -> None:
+                        presence: dict[str, bool], now: int) -> dict[str, dict[str, str]]:
+        """Update device state; return telemetry tags of every known device that sent health."""
+        tags: dict[str, dict[str, str]] = {}
+        if health:
+            rows = session.execute(
+                select(Device.id, Device.board, Assignment.site_id, Site.customer_id)
+                .outerjoin(Assignment, and_(Assignment.device_id == Device.id,
+                                            Assignment.end_ms.is_(None)))
+                .outerjoin(Site, Site.id == Assignment.site_id)
+                .where(Device.id.in_(list(health))))
+            for row in rows:
+                tags[row.id] = {"board": row.board or "",
+                                "site": "" if row.site_id is None else str(row.site_id),
+                                "customer": "" if row.customer_id is None
+                                else str(row.customer_id)}
         for device_id, sample in health.items():
             values: dict[str, Any] = {"last_seen_ms": now, "online": True}
             if isinstance(sample.get("fw"), str):
@@ -224,6 +261,7 @@ class IngestWorker:
         for device_id, online in presence.items():
             session.execute(update(Device).where(Device.id == device_id).values(
                 online=online, last_seen_ms=now))
+        return tags
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
@@ -262,6 +300,8 @@ class IngestWorker:
             self._writer.join(timeout=10)
         self._client.disconnect()
         self._client.loop_stop()
+        if self.telemetry is not None:
+            self.telemetry.close()
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until connected and subscribed."""

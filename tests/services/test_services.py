@@ -267,8 +267,7 @@ def test_postgres_server_runs_on_loopback_and_never_as_root(
 @pytest.mark.victoria
 def test_influxdb_client_writes_are_queryable_at_once(victoria: VictoriaMetrics) -> None:
     device = f"pt-{uuid.uuid4().hex[:12]}"
-    # influxdb-client ships without type hints, hence the ignore.
-    point = (Point("health").tag("device", device)  # type: ignore[no-untyped-call]
+    point = (Point("health").tag("device", device)
              .field("heap_free", 1234).field("rssi", -61.5).field("charging", True))
     with InfluxDBClient(url=victoria.url, token="x", org="o") as client:
         client.write_api(write_options=SYNCHRONOUS).write(bucket="palaute", record=point)
