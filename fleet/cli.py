@@ -129,6 +129,68 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_create_user(args: argparse.Namespace) -> int:
+    """Create a user (the first admin, typically); prints a generated password once."""
+    import secrets
+
+    from fleet.db.engine import make_engine, make_sessionmaker
+    from fleet.db.models import Role
+    from fleet.services import audit
+    from fleet.services.auth import AuthError, create_user
+
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    generated = password is None
+    password = password or secrets.token_urlsafe(18)
+    settings = _settings()
+    engine = make_engine(settings.db_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            user = create_user(session, email=args.email, password=password,
+                               role=Role(args.role), name=args.name,
+                               customer_id=args.customer_id)
+            audit.record(session, user=None, action="create_user", entity="user",
+                         entity_id=user.id, detail={"email": user.email, "via": "cli"})
+    except AuthError as exc:
+        print(f"palaute admin create-user: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"created {args.role} {args.email}")
+    if generated:
+        print(f"password (shown once): {password}")
+    return 0
+
+
+def cmd_create_token(args: argparse.Namespace) -> int:
+    """Issue an API token for an existing user (e.g. an installer laptop); shown once."""
+    from sqlalchemy import select
+
+    from fleet.db.engine import make_engine, make_sessionmaker
+    from fleet.db.models import User
+    from fleet.services import audit
+    from fleet.services.auth import AuthError, create_api_token
+
+    settings = _settings()
+    engine = make_engine(settings.db_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            user = session.scalar(select(User).where(User.email == args.email.strip().lower()))
+            if user is None:
+                print(f"palaute admin create-token: no user {args.email}; create it first "
+                      "with `palaute admin create-user`", file=sys.stderr)
+                return 2
+            issued = create_api_token(session, user=user, name=args.name)
+            audit.record(session, user=None, action="create_token", entity="token",
+                         entity_id=issued.id, detail={"name": args.name, "via": "cli"})
+    except AuthError as exc:
+        print(f"palaute admin create-token: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(issued.secret)
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     """Commands whose implementation is tracked in a later issue."""
     print(f"palaute {args.command}: not available in this version yet "
@@ -179,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+
+    admin = sub.add_parser("admin", help="user and token administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    create_user = admin_sub.add_parser("create-user", help="create a user (e.g. the first admin)")
+    create_user.add_argument("--email", required=True)
+    create_user.add_argument("--role", required=True,
+                             choices=["admin", "coordinator", "ops", "installer",
+                                      "customer_viewer"])
+    create_user.add_argument("--name", default="")
+    create_user.add_argument("--customer-id", type=int, default=None,
+                             help="required for customer_viewer")
+    create_user.add_argument("--password-stdin", action="store_true",
+                             help="read the password from standard input (default: generate)")
+    create_user.set_defaults(func=cmd_create_user)
+    create_token = admin_sub.add_parser("create-token", help="issue an API token for a user")
+    create_token.add_argument("--email", required=True)
+    create_token.add_argument("--name", required=True, help="where it is used")
+    create_token.set_defaults(func=cmd_create_token)
 
     from fleet.pinmaps import add_hardware_parser
 

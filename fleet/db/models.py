@@ -34,6 +34,23 @@ class DeviceState(enum.StrEnum):
     retired = "retired"
 
 
+class Role(enum.StrEnum):
+    """What a user may do (docs/api.md has the full matrix)."""
+
+    admin = "admin"  # everything, including users
+    coordinator = "coordinator"  # customers, sites, assignments
+    ops = "ops"  # devices, health, commands
+    installer = "installer"  # register and provision devices; no reports
+    customer_viewer = "customer_viewer"  # reports of its own customer's sites only
+
+
+class TokenKind(enum.StrEnum):
+    """Session tokens come from a password login and expire; API tokens are for integrations."""
+
+    session = "session"
+    api = "api"
+
+
 class Customer(Base):
     """An organisation that owns sites and reads reports."""
 
@@ -53,6 +70,10 @@ class Site(Base):
     name: Mapped[str] = mapped_column(String(200))
     address: Mapped[str] = mapped_column(Text, default="")
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # {"mon": [["08:00", "20:00"]], ...} and {"2026-12-24": [["08:00", "12:00"]], ...};
+    # validated by the API (fleet/api/schemas), stored as JSON text to stay portable.
+    opening_hours: Mapped[str] = mapped_column(Text, default="{}")
+    opening_exceptions: Mapped[str] = mapped_column(Text, default="{}")
     created_ms: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -104,3 +125,51 @@ class Vote(Base):
     received_ms: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_votes_site_ts", "site_id", "ts_ms"),)
+
+
+class User(Base):
+    """A person or integration that uses the API."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[Role] = mapped_column(Enum(Role, native_enum=False, length=32))
+    # Set for customer viewers: every report query is restricted to this customer's sites.
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="RESTRICT"), nullable=True)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Token(Base):
+    """A bearer token; only its SHA-256 is stored, the token itself is shown once."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[TokenKind] = mapped_column(Enum(TokenKind, native_enum=False, length=16))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_used_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class AuditEntry(Base):
+    """Who changed what, and when (registry, assignments, users, tokens)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"),
+                                                nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+    __table_args__ = (Index("ix_audit_entity", "entity", "entity_id"),)

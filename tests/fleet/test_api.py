@@ -6,10 +6,12 @@ from fastapi.testclient import TestClient
 
 from fleet.api.app import create_app
 from fleet.db.engine import make_engine, make_sessionmaker
+from fleet.db.models import Role
 from fleet.ingest.metrics import Metrics
 from fleet.protocol.v1 import Vote, VoteBatch
 from fleet.services import registry
 from fleet.services.votes import store_batches
+from tests.fleet.auth_helpers import make_user
 
 
 def client_with_data(db_url: str, metrics: Metrics | None = None) -> TestClient:
@@ -22,7 +24,9 @@ def client_with_data(db_url: str, metrics: Metrics | None = None) -> TestClient:
         registry.assign_device(session, device_id="pt-000000000001", site_id=site.id, at_ms=0)
         store_batches(session, [VoteBatch("pt-000000000001", (
             Vote(1, 10, 1, 0, 0), Vote(2, 20, 2, 1, 0)))], received_ms=30)
-    return TestClient(create_app(sessions, metrics=metrics))
+    client = TestClient(create_app(sessions, metrics=metrics))
+    client.headers.update(make_user(sessions, Role.ops))
+    return client
 
 
 def test_health_reports_the_database(db_url: str) -> None:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 
-from fleet.api.deps import SessionDep
+from fleet.api.deps import SessionDep, StaffUser
 from fleet.db.models import Device, DeviceState
 from fleet.db.models import Vote as VoteRow
 
@@ -37,7 +37,7 @@ class DevicePage(BaseModel):
 
 
 @router.get("", response_model=DevicePage)
-def list_devices(session: SessionDep, state: DeviceState | None = None,
+def list_devices(_user: StaffUser, session: SessionDep, state: DeviceState | None = None,
                  offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)
                  ) -> DevicePage:
     """List devices, optionally only those in ``state``, ordered by id."""
@@ -59,7 +59,7 @@ class DeviceVotes(BaseModel):
 
 
 @router.get("/{device_id}/votes", response_model=DeviceVotes)
-def device_votes(device_id: str, session: SessionDep) -> DeviceVotes:
+def device_votes(device_id: str, _user: StaffUser, session: SessionDep) -> DeviceVotes:
     """Count the stored votes of one device."""
     if session.get(Device, device_id) is None:
         raise HTTPException(404, f"device {device_id} is not registered")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from fleet.api.deps import SessionDep
+from fleet.api.deps import SessionDep, StaffUser
 from fleet.services.stats import fleet_totals
 
 router = APIRouter(prefix="/stats", tags=["stats"])
@@ -23,6 +23,6 @@ class TotalsPublic(BaseModel):
 
 
 @router.get("", response_model=TotalsPublic)
-def totals(session: SessionDep) -> TotalsPublic:
+def totals(_user: StaffUser, session: SessionDep) -> TotalsPublic:
     """Devices, online devices, stored votes and abuse-filtered votes."""
     return TotalsPublic(**asdict(fleet_totals(session)))
