@@ -275,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Alembic narrates every plugin and migration step at INFO; keep startup readable.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     return int(args.func(args))
 
 

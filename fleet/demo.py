@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import socket
 import sys
 import tempfile
@@ -24,9 +25,11 @@ from fleet.api.app import create_app
 from fleet.config import Settings
 from fleet.db.engine import make_engine, make_sessionmaker
 from fleet.db.migrate import upgrade
+from fleet.db.models import Role
 from fleet.ingest.metrics import Metrics
 from fleet.ingest.worker import IngestWorker
 from fleet.services import registry
+from fleet.services.auth import create_user
 from fleet.services.stats import fleet_totals
 
 SITES = ("Helsinki Airport T2", "Tampere Central Library", "Oulu Clinic", "Turku Market Hall")
@@ -67,11 +70,20 @@ def demo_device_id(index: int) -> str:
     return f"pt-de{index:010x}"
 
 
-def seed(settings: Settings, terminals: int) -> None:
-    """Create a demo customer with sites and assign the terminals round-robin."""
+DEMO_ADMIN = "admin@demo.palaute"
+
+
+def seed(settings: Settings, terminals: int) -> str:
+    """Create a demo customer with sites, assign the terminals round-robin, and an admin.
+
+    Returns the admin's generated password (the demo prints it; nothing is hard-coded).
+    """
+    password = secrets.token_urlsafe(12)
     engine = make_engine(settings.db_url)
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
+        create_user(session, email=DEMO_ADMIN, password=password, role=Role.admin,
+                    name="Demo admin")
         customer = registry.create_customer(session, name="Demo Oy")
         sites = [registry.create_site(session, customer_id=customer.id, name=name,
                                       timezone="Europe/Helsinki") for name in SITES]
@@ -82,6 +94,7 @@ def seed(settings: Settings, terminals: int) -> None:
             registry.assign_device(session, device_id=device.id,
                                    site_id=sites[index % len(sites)].id, at_ms=start)
     engine.dispose()
+    return password
 
 
 async def _start_broker(port: int) -> Any:
@@ -114,8 +127,9 @@ async def run_demo(*, terminals: int, duration: float | None, api_port: int,
         db_url=f"sqlite:///{db_path}", mqtt_url=f"mqtt://127.0.0.1:{broker_port}",
         mqtt_protocol="3.1.1", ingest_shared_group="", mqtt_client_id="palaute-demo-ingest")
     upgrade(settings.db_url)
+    login_hint = f"log in as {DEMO_ADMIN} with the password printed by the first run"
     if fresh:
-        seed(settings, terminals)
+        login_hint = f"log in as {DEMO_ADMIN} / {seed(settings, terminals)}"
     engine = make_engine(settings.db_url)
     sessions = make_sessionmaker(engine)
     with sessions() as session:
@@ -144,6 +158,7 @@ async def run_demo(*, terminals: int, duration: float | None, api_port: int,
     print(f"Palaute demo: {terminals} terminals, embedded MQTT broker on port {broker_port}, "
           f"SQLite at {db_path}", file=out)
     print(f"API docs: {docs}   (Ctrl-C to stop)", file=out)
+    print(f"API login: POST /api/v1/auth/login — {login_hint}", file=out)
     started = time.monotonic()
     try:
         while duration is None or time.monotonic() - started < duration:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from fleet.db.engine import make_engine, make_sessionmaker
+from fleet.services.auth import login
 
 PALAUTE = Path(sys.executable).parent / "palaute"
 
@@ -24,7 +28,13 @@ def test_demo_summary_shows_every_pressed_vote_stored(tmp_path: Path) -> None:
     assert summary["refused"] == 0
     assert "API docs: http://127.0.0.1:" in proc.stderr
     assert "127.0.0.1:0/" not in summary["api_docs"]
-    assert (tmp_path / "demo" / "palaute.db").exists()
+    # The printed login is real: it opens a session against the demo's database.
+    found = re.search(r"log in as (\S+) / (\S+)", proc.stderr)
+    assert found, proc.stderr
+    engine = make_engine(f"sqlite:///{tmp_path / 'demo' / 'palaute.db'}")
+    with make_sessionmaker(engine).begin() as session:
+        assert login(session, email=found[1], password=found[2]) is not None
+    engine.dispose()
 
 
 def test_demo_keeps_its_data_across_runs(tmp_path: Path) -> None:
