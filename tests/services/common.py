@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -64,3 +65,48 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def kill_process(process: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup (garbage collection or interpreter exit): SIGKILL if still alive."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def file_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file under a header naming it ('' if absent)."""
+    if not path.exists():
+        return ""
+    tail = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"--- {path}:\n" + "\n".join(tail)
+
+
+class ServerProcess:
+    """What the service fixtures share: waiting for readiness with the log in every error.
+
+    Subclasses provide ``service_name``, ``running`` and ``log_tail()``.
+    """
+
+    service_name = "server"
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        raise NotImplementedError
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's log."""
+        raise NotImplementedError
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """``wait_until`` that fails at once, with the log, if the server has exited."""
+        def check() -> bool:
+            if not self.running:
+                raise RuntimeError(f"{self.service_name} exited while waiting for {what}\n"
+                                   f"{self.log_tail()}")
+            return predicate()
+        try:
+            wait_until(check, timeout, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None

@@ -33,14 +33,21 @@ import socket
 import struct
 import subprocess
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
 import pytest
 
-from tests.services.common import free_port, port_open, require_binary, wait_until
+from tests.services.common import (
+    ServerProcess,
+    file_tail,
+    free_port,
+    kill_process,
+    port_open,
+    require_binary,
+)
 
 INSTALL_HINT = ("run scripts/install-system-packages.sh "
                 "(Debian packages mosquitto, mosquitto-clients)")
@@ -62,19 +69,14 @@ CONNACK_ACCEPTED = 0
 CONNACK_NOT_AUTHORISED = 5
 
 
-def _kill_process(process: subprocess.Popen[bytes]) -> None:
-    """Last-resort cleanup (garbage collection or interpreter exit): SIGKILL if still alive."""
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-
-
-class MosquittoBroker:
+class MosquittoBroker(ServerProcess):
     """One ``mosquitto`` process with its config, users and persistence in ``workdir``.
 
     The port is chosen once, so it stays the same across :meth:`restart`.  An admin user
     (:attr:`admin_user` / :attr:`admin_password`, full access plus ``$SYS``) always exists.
     """
+
+    service_name = "mosquitto"
 
     host = "127.0.0.1"
 
@@ -185,7 +187,7 @@ class MosquittoBroker:
             # Own session: a Ctrl-C aimed at pytest must not kill the broker before the
             # fixture's teardown has stopped it cleanly.
             start_new_session=True)
-        self._finalizer = weakref.finalize(self, _kill_process, self._process)
+        self._finalizer = weakref.finalize(self, kill_process, self._process)
         try:
             # The "running" line follows a successful bind; checking it (not only the port)
             # catches the case of another process owning the port in the meantime.
@@ -228,17 +230,6 @@ class MosquittoBroker:
             self._output.close()
             self._output = None
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """``wait_until`` that fails at once, with the log, if the broker has exited."""
-        def check() -> bool:
-            if not self.running:
-                raise RuntimeError(f"mosquitto exited while waiting for {what}\n{self.log_tail()}")
-            return predicate()
-        try:
-            wait_until(check, timeout, what)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
-
     # -- diagnostics -----------------------------------------------------------------------
 
     def connack_code(self, username: str | None, password: str | None,
@@ -259,12 +250,8 @@ class MosquittoBroker:
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the broker's log file and of its stdout/stderr."""
-        parts = []
-        for path in (self.log_file, self.output_file):
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {path.name}:\n" + "\n".join(tail))
-        return "\n".join(parts)
+        return "\n".join(filter(None, (file_tail(self.log_file, lines),
+                                        file_tail(self.output_file, lines))))
 
     def _write_config(self) -> None:
         lines = [

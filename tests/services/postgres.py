@@ -23,7 +23,7 @@ import signal
 import subprocess
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
@@ -34,7 +34,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from tests.services.common import free_port, require_binary, wait_until
+from tests.services.common import ServerProcess, file_tail, free_port, require_binary
 
 INSTALL_HINT = "run scripts/install-system-packages.sh (Debian package postgresql)"
 SERVER_OS_USER = "palaute-test"
@@ -102,13 +102,15 @@ def _release(resources: _Resources) -> None:
         resources.remove_dir = None
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """A PostgreSQL cluster created with ``initdb`` and served on a free 127.0.0.1 port.
 
     Connect as :data:`DB_SUPERUSER` without a password.  :meth:`start` runs ``initdb`` the
     first time; :meth:`stop` keeps the data so the server can be started again; :meth:`close`
     stops it and deletes the data.
     """
+
+    service_name = "PostgreSQL"
 
     host = "127.0.0.1"
     user = DB_SUPERUSER
@@ -262,17 +264,6 @@ class PostgresServer:
             # Not listening yet, or "the database system is starting up".
             return False
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        def check() -> bool:
-            if not self.running:
-                raise RuntimeError(f"PostgreSQL exited while waiting for {what}\n"
-                                   f"{self.log_tail()}")
-            return predicate()
-        try:
-            wait_until(check, timeout, what)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
-
     def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -280,10 +271,7 @@ class PostgresServer:
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the initdb/server log."""
-        if not self.log_file.exists():
-            return ""
-        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- {self.log_file}:\n" + "\n".join(tail)
+        return file_tail(self.log_file, lines)
 
 
 _database_numbers = itertools.count(1)

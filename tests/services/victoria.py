@@ -43,13 +43,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
-from tests.services.common import free_port, require_binary, wait_until
+from tests.services.common import (
+    ServerProcess,
+    file_tail,
+    free_port,
+    kill_process,
+    require_binary,
+)
 
 INSTALL_HINT = "run scripts/install-system-packages.sh (Debian package victoria-metrics)"
 START_TIMEOUT = 30.0
@@ -59,15 +65,10 @@ HTTP_TIMEOUT = 10.0
 NOW_MARGIN_S = 1.0
 
 
-def _kill_process(process: subprocess.Popen[bytes]) -> None:
-    """Last-resort cleanup (garbage collection or interpreter exit): SIGKILL if still alive."""
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-
-
-class VictoriaMetrics:
+class VictoriaMetrics(ServerProcess):
     """A ``victoria-metrics`` single-node server on a free 127.0.0.1 port, data in ``workdir``."""
+
+    service_name = "VictoriaMetrics"
 
     host = "127.0.0.1"
 
@@ -113,7 +114,7 @@ class VictoriaMetrics:
             stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C aimed at pytest must not kill the server before teardown.
             start_new_session=True)
-        self._finalizer = weakref.finalize(self, _kill_process, self._process)
+        self._finalizer = weakref.finalize(self, kill_process, self._process)
         try:
             self._wait(self._healthy, START_TIMEOUT, f"VictoriaMetrics on port {self.port}")
         except BaseException:
@@ -187,17 +188,6 @@ class VictoriaMetrics:
         except (OSError, RuntimeError):
             return False
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        def check() -> bool:
-            if not self.running:
-                raise RuntimeError(f"VictoriaMetrics exited while waiting for {what}\n"
-                                   f"{self.log_tail()}")
-            return predicate()
-        try:
-            wait_until(check, timeout, what)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
-
     def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -205,10 +195,7 @@ class VictoriaMetrics:
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log."""
-        if not self.log_file.exists():
-            return ""
-        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- {self.log_file}:\n" + "\n".join(tail)
+        return file_tail(self.log_file, lines)
 
 
 @pytest.fixture
