@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_token.add_argument("--name", required=True, help="where it is used")
     create_token.set_defaults(func=cmd_create_token)
 
+    from fleet.firmware_bundle import add_firmware_parser
     from fleet.pinmaps import add_hardware_parser
 
     add_hardware_parser(sub)
+    add_firmware_parser(sub)
 
     for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
                        ("provision", "provision a terminal over serial")):

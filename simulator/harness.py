@@ -40,6 +40,7 @@ class TerminalProcess:
         self.history: list[Event] = []
         self.process: subprocess.Popen[bytes] | None = None
         self._conn: socket.socket | None = None
+        self._reader: threading.Thread | None = None  # reads the current process's events
         self._connected = threading.Event()
         storage.mkdir(parents=True, exist_ok=True)
         self.config_path = storage.parent / f"{device_id}.config.json"
@@ -50,9 +51,10 @@ class TerminalProcess:
         """Start the process and wait for its ``ready`` event."""
         self._connected.clear()
         env = dict(os.environ)
-        env["MICROPYPATH"] = f"{FIRMWARE}{os.pathsep}.frozen"
+        firmware = self.harness.firmware_dir
+        env["MICROPYPATH"] = f"{firmware}{os.pathsep}.frozen"
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(FIRMWARE), str(ROOT / "simulator" / "shims"), env.get("PYTHONPATH", "")])
+            [str(firmware), str(ROOT / "simulator" / "shims"), env.get("PYTHONPATH", "")])
         self.process = subprocess.Popen(
             [*self.command, str(MAIN), str(self.config_path), str(self.storage),
              str(self.harness.port)],
@@ -68,6 +70,10 @@ class TerminalProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+        if self._reader is not None:
+            # The dead process's socket is at EOF: once its reader is done, ``history`` holds
+            # every event the process sent, and none can arrive after the next start's.
+            self._reader.join(timeout=5)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -102,6 +108,15 @@ class TerminalProcess:
         self.send({"op": "press", "button": button})
         return int(self.wait_for("vote")["data"][0])
 
+    def hold(self, button: int) -> int:
+        """Press ``button`` and keep it down; returns the seq of the press it starts with."""
+        self.send({"op": "hold", "button": button})
+        return int(self.wait_for("vote")["data"][0])
+
+    def release(self, button: int) -> None:
+        """Let go of a held ``button``."""
+        self.send({"op": "release", "button": button})
+
     def cut_network(self) -> None:
         """Drop the terminal's network (its broker connection dies)."""
         self.send({"op": "net", "up": False})
@@ -133,6 +148,7 @@ class TerminalProcess:
 
     def _attach(self, conn: socket.socket, reader: Any) -> None:
         self._conn = conn
+        self._reader = threading.current_thread()
         self._connected.set()
         for line in reader:
             event = json.loads(line)
@@ -143,9 +159,13 @@ class TerminalProcess:
 class Harness:
     """Control server for simulated terminal processes."""
 
-    def __init__(self, workdir: Path, command: list[str]) -> None:
+    def __init__(self, workdir: Path, command: list[str],
+                 firmware_dir: Path = FIRMWARE) -> None:
+        """``firmware_dir`` holds the ``terminal`` package the processes import (default: the
+        sources; a built bundle's ``lib/`` to run the precompiled firmware)."""
         self.workdir = workdir
         self.command = command
+        self.firmware_dir = firmware_dir
         self.terminals: dict[str, TerminalProcess] = {}
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
