@@ -4,7 +4,7 @@
 
 MICROPYPATH must contain the ``firmware`` directory.  The terminal connects to a harness on
 127.0.0.1:CONTROL_PORT, announces itself, reports board events as JSON lines and obeys
-commands (press a button, cut or restore the network, skew the clock, stop).
+commands (press, hold or release a button, cut or restore the network, skew the clock, stop).
 """
 
 import asyncio
@@ -42,6 +42,10 @@ def obey(command, board, terminal):
     op = command.get("op")
     if op == "press":
         board.press(command["button"])
+    elif op == "hold":
+        board.hold(command["button"])
+    elif op == "release":
+        board.release(command["button"])
     elif op == "net":
         if command["up"]:
             board.restore_network()

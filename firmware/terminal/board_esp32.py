@@ -322,6 +322,14 @@ class Esp32Board:
                 return index + 1, at
             # released again within debounce_ms: a glitch or the bounce of a release
 
+    def held(self):
+        """The buttons held down now as a bitmask (bit 0 = button 1): raw pin levels."""
+        mask = 0
+        for index, pin in enumerate(self._button_pins):
+            if pin.value() == 0:  # active low, like next_press
+                mask |= 1 << index
+        return mask
+
     def set_led(self, button, on):
         """Light or dim a button's LED."""
         self._leds[button - 1].value(1 if on else 0)

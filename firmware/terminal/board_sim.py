@@ -1,7 +1,8 @@
 """Simulated board: the hardware of a terminal, driven by tests and the simulator.
 
-Runs under MicroPython (unix port) and CPython.  Buttons are pressed with ``press()``; LEDs and
-the screen are recorded; the network can be cut and restored; the wall clock can be skewed or
+Runs under MicroPython (unix port) and CPython.  Buttons are tapped with ``press()`` or held
+down with ``hold()`` until ``release()``; ``held()`` tells which are down.  LEDs and the screen
+are recorded; the network can be cut and restored; the wall clock can be skewed or
 left unsynced.  Every observable change is reported through ``on_event(name, data)`` so a
 harness can await it instead of sleeping.
 """
@@ -31,6 +32,7 @@ class SimBoard:
         self.screen = []
         self.reset_cause = "power_on"
         self._presses = []
+        self._held = 0  # bit n-1 set while button n is held down
         self._pressed = asyncio.Event()
         self._writers = []
 
@@ -80,6 +82,11 @@ class SimBoard:
         for writer in writers:
             try:
                 writer.close()
+                # MicroPython's Stream.close() is a no-op (wait_closed() closes the socket):
+                # close the socket itself, so that a pending read fails as on a lost link.
+                sock = getattr(writer, "s", None)
+                if sock is not None:
+                    sock.close()
             except OSError:
                 pass  # already closed by the other side
         self.emit("net", False)
@@ -90,12 +97,38 @@ class SimBoard:
         self.emit("net", True)
 
     # -- buttons, LEDs, screen -----------------------------------------------------------
-    def press(self, button):
-        """A visitor presses ``button`` (1 = most positive)."""
+    def _check(self, button):
         if not 1 <= button <= self.buttons:
             raise ValueError("button must be 1..%d" % self.buttons)
+
+    def press(self, button):
+        """A visitor taps ``button`` (1 = most positive): pressed and released at once."""
+        self._check(button)
         self._presses.append((button, ticks_ms()))
         self._pressed.set()
+
+    def hold(self, button):
+        """Press ``button`` and keep it down until ``release``; a no-op if already held."""
+        self._check(button)
+        bit = 1 << (button - 1)
+        if self._held & bit:
+            return
+        self._held |= bit
+        self._presses.append((button, ticks_ms()))  # holding starts with a press
+        self._pressed.set()
+        self.emit("held", self._held)
+
+    def release(self, button):
+        """Let go of a held ``button``; a no-op if it is not held."""
+        self._check(button)
+        bit = 1 << (button - 1)
+        if self._held & bit:
+            self._held &= ~bit
+            self.emit("held", self._held)
+
+    def held(self):
+        """The buttons held down now as a bitmask: bit 0 = button 1."""
+        return self._held
 
     async def next_press(self):
         """Wait for the next press; returns ``(button, ticks_ms)``."""

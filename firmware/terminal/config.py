@@ -7,6 +7,8 @@ keeps retrying (safe mode).
 
 import json
 
+from terminal.abuse import BURST_COUNT_MAX
+
 DEFAULTS = {
     "topic_root": "fb/v1",
     "board": "esp32-devkitc",
@@ -17,6 +19,9 @@ DEFAULTS = {
     "batch_max": 50,
     "debounce_ms": 30,
     "min_gap_ms": 2000,
+    "burst_count": 8,
+    "burst_window_ms": 20000,
+    "burst_quiet_ms": 30000,
 }
 _HEX = "0123456789abcdef"
 
@@ -63,10 +68,14 @@ def validate(raw):
     if not isinstance(buttons, int) or not 2 <= buttons <= 5:
         raise ConfigError("buttons", "must be 2..5")
     for key in ("keepalive_s", "health_interval_s", "ack_timeout_s", "batch_max",
-                "debounce_ms", "min_gap_ms"):
+                "debounce_ms", "min_gap_ms", "burst_count", "burst_window_ms",
+                "burst_quiet_ms"):
         value = cfg[key]
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(key, "must be a non-negative integer")
+        if key == "burst_count" and value > BURST_COUNT_MAX:
+            raise ConfigError(key, "must be 0..%d (0 switches burst suppression off)"
+                              % BURST_COUNT_MAX)
     batch_max = cfg["batch_max"]
     if not isinstance(batch_max, int) or not 1 <= batch_max <= 50:
         raise ConfigError("batch_max", "must be 1..50 (protocol v1 limit)")
