@@ -24,6 +24,7 @@ FIRMWARE = ROOT / "firmware"
 MAIN = Path(__file__).resolve().parent / "terminal_main.py"
 
 Event = dict[str, Any]
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class TerminalProcess:
@@ -117,6 +118,14 @@ class TerminalProcess:
         """Let go of a held ``button``."""
         self.send({"op": "release", "button": button})
 
+    def display(self) -> dict[str, Any]:
+        """What the terminal shows: text ``lines``, ``leds`` and the 1-bit ``fb`` (bytes in
+        SSD1306 MONO_VLSB layout; None under CPython, which has no framebuf)."""
+        self.send({"op": "display"})
+        data = dict(self.wait_for("display")["data"])
+        data["fb"] = bytes.fromhex(data["fb"]) if data["fb"] else None
+        return data
+
     def cut_network(self) -> None:
         """Drop the terminal's network (its broker connection dies)."""
         self.send({"op": "net", "up": False})
@@ -151,6 +160,12 @@ class TerminalProcess:
         self._reader = threading.current_thread()
         self._connected.set()
         for line in reader:
+            # The terminal writes each event with its own send(), so Nagle's algorithm holds
+            # the second event of a press (led, screen, vote) until this side ACKs the first,
+            # and a delayed ACK makes that ~40 ms per press.  Quick ACKs avoid the stall
+            # (Linux resets the flag after use; elsewhere the option does not exist).
+            if _QUICKACK is not None:
+                conn.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             event = json.loads(line)
             self.history.append(event)
             self.events.put(event)

@@ -10,6 +10,7 @@ commands (press, hold or release a button, cut or restore the network, skew the 
 import asyncio
 import json
 import sys
+from binascii import hexlify
 
 from terminal.app import Terminal
 from terminal.board_sim import SimBoard
@@ -55,6 +56,10 @@ def obey(command, board, terminal):
         board.skew_ms += command["ms"]
     elif op == "health":
         board.emit("health", terminal.health())
+    elif op == "display":
+        fb = board.framebuffer
+        board.emit("display", {"lines": board.screen, "leds": board.leds,
+                               "fb": None if fb is None else hexlify(fb).decode()})
     elif op == "stop":
         return False
     return True

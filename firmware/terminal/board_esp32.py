@@ -34,6 +34,7 @@ import network
 import ntptime
 
 from terminal.clock import ticks_diff, ticks_ms
+from terminal.screen import render
 
 _RING = 32  # presses buffered between the IRQ and the button task (a burst of bounces fits)
 _UNIX_2000_S = 946684800  # 2000-01-01T00:00:00Z in seconds since 1970
@@ -57,29 +58,6 @@ def reset_cause_name(cause):
         if cause == code:
             return name
     return "unknown"
-
-
-def wrap(text, columns):
-    """Split ``text`` into lines of at most ``columns`` characters, at spaces if possible."""
-    lines = []
-    for paragraph in str(text).split("\n"):
-        line = ""
-        for word in paragraph.split(" "):
-            while len(word) > columns:  # a word longer than the screen: cut it
-                if line:
-                    lines.append(line)
-                    line = ""
-                lines.append(word[:columns])
-                word = word[columns:]
-            if not line:
-                line = word
-            elif len(line) + 1 + len(word) <= columns:
-                line += " " + word
-            else:
-                lines.append(line)
-                line = word
-        lines.append(line)
-    return lines
 
 
 def hard_reset():
@@ -124,8 +102,6 @@ class Esp32Board:
             self._status = machine.Pin(pins["status_led"], machine.Pin.OUT, value=0)
         self.display = None
         self.display_error = None
-        self._columns = 16
-        self._rows = 6
         self._setup_display(pins.get("display"))
         self._adc = None
         self._divider = pins.get("battery_divider", 2.0)
@@ -339,13 +315,11 @@ class Esp32Board:
         if not spec:
             return
         try:
-            from terminal.ssd1306 import CHAR_H, CHAR_W, SSD1306
+            from terminal.ssd1306 import SSD1306
 
             i2c = machine.I2C(0, sda=machine.Pin(spec["sda"]), scl=machine.Pin(spec["scl"]),
                               freq=400000)
             self.display = SSD1306(i2c, spec["width"], spec["height"], spec["address"])
-            self._columns = spec["width"] // CHAR_W
-            self._rows = spec["height"] // (CHAR_H + 2)
         except OSError as exc:  # no display answering: run without one, say so in health/logs
             self.display = None
             self.display_error = "display: %s" % exc
@@ -357,16 +331,7 @@ class Esp32Board:
         if display is None:
             print("palaute: screen", lines)
             return
-        rows = []
-        for line in lines:
-            rows.extend(wrap(line, self._columns))
-        rows = rows[:self._rows]
-        fb = display.fb
-        fb.fill(0)
-        top = (display.height - len(rows) * 10) // 2
-        for n, row in enumerate(rows):
-            x = (display.width - 8 * len(row)) // 2
-            fb.text(row, x if x > 0 else 0, top + 1 + n * 10, 1)
+        render(display.fb, display.width, display.height, lines)
         try:
             display.show()
         except OSError as exc:  # a loose wire must not stop the terminal

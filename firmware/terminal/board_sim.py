@@ -12,12 +12,16 @@ import os
 import time
 
 from terminal.clock import ticks_ms
+from terminal.screen import render
 
 
 class SimBoard:
     """The board interface the terminal app uses, without hardware."""
 
     name = "sim"
+
+    display_width = 128  # an SSD1306-class OLED, as on the reference boards
+    display_height = 64
 
     def __init__(self, root, *, broker_host="127.0.0.1", broker_port=1883, buttons=4,
                  skew_ms=0, synced=True, on_event=None):
@@ -30,6 +34,19 @@ class SimBoard:
         self.net_up = True
         self.leds = [False] * buttons
         self.screen = []
+        # Under MicroPython the screen is also drawn into a real 1-bit framebuffer with the
+        # same layout code as the ESP32 board, so tests can read the pixels a visitor sees.
+        # CPython has no framebuf: there only the text lines are kept.
+        self.framebuffer = None
+        self._fb = None
+        try:
+            import framebuf
+
+            self.framebuffer = bytearray(self.display_width * self.display_height // 8)
+            self._fb = framebuf.FrameBuffer(self.framebuffer, self.display_width,
+                                            self.display_height, framebuf.MONO_VLSB)
+        except ImportError:
+            pass
         self.reset_cause = "power_on"
         self._presses = []
         self._held = 0  # bit n-1 set while button n is held down
@@ -143,8 +160,10 @@ class SimBoard:
         self.emit("led", [button, on])
 
     def show(self, lines):
-        """Put text lines on the display."""
+        """Put text lines on the display (and into the framebuffer where there is one)."""
         self.screen = list(lines)
+        if self._fb is not None:
+            render(self._fb, self.display_width, self.display_height, self.screen)
         self.emit("screen", self.screen)
 
     def heap_free(self):

@@ -36,9 +36,6 @@ _CHARGE_PUMP = const(0x8D)
 _CONTROL_COMMAND = const(0x00)
 _CONTROL_DATA = const(0x40)
 
-CHAR_W = 8  # framebuf's built-in font is 8x8 pixels
-CHAR_H = 8
-
 
 class SSD1306:
     """An SSD1306 panel of ``width`` x ``height`` pixels at ``address`` on ``i2c``."""
