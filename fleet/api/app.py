@@ -7,7 +7,18 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet import __version__
-from fleet.api.routes import auth, devices, health, stats, users
+from fleet.api.routes import (
+    assignments,
+    audit,
+    auth,
+    customers,
+    devices,
+    health,
+    reports,
+    sites,
+    stats,
+    users,
+)
 from fleet.ingest.metrics import Metrics
 
 
@@ -16,7 +27,8 @@ def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = Non
     app = FastAPI(title="Palaute fleet API", version=__version__,
                   description="Registry, ingest status and reports for feedback terminals.")
     app.state.sessions = sessions
-    for module in (health, auth, users, devices, stats):
+    for module in (health, auth, users, customers, sites, devices, assignments, audit, stats,
+                   reports):
         app.include_router(module.router, prefix="/api/v1")
     if metrics is not None:
         exported = metrics

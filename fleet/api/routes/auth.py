@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Path, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from fleet.api.deps import CurrentUser, SessionDep
+from fleet.api.schemas import MAX_ID
 from fleet.db.models import Role, Token, TokenKind
 from fleet.services import audit
 from fleet.services.auth import AuthError, create_api_token, login, revoke_token
@@ -100,7 +101,8 @@ def list_tokens(user: CurrentUser, session: SessionDep) -> list[TokenPublic]:
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_token(token_id: int, user: CurrentUser, session: SessionDep) -> None:
+def delete_token(user: CurrentUser, session: SessionDep,
+                 token_id: int = Path(ge=1, le=MAX_ID)) -> None:
     """Revoke a token at once."""
     try:
         revoke_token(session, token_id=token_id, by=user)

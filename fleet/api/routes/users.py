@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from fleet.api.deps import AdminUser, SessionDep
+from fleet.api.schemas import MAX_LIMIT, MAX_OFFSET, RefId
 from fleet.db.models import Role, User
 from fleet.services import audit
 from fleet.services.auth import AuthError, create_user
@@ -21,7 +22,7 @@ class UserCreate(BaseModel):
     name: str = Field(default="", max_length=200)
     password: str = Field(min_length=12, max_length=1024)
     role: Role
-    customer_id: int | None = None
+    customer_id: RefId | None = None
 
 
 class UserPublic(BaseModel):
@@ -59,7 +60,8 @@ def post_user(body: UserCreate, admin: AdminUser, session: SessionDep) -> UserPu
 
 @router.get("", response_model=UserPage)
 def list_users(_admin: AdminUser, session: SessionDep, role: Role | None = None,
-               offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> UserPage:
+               offset: int = Query(0, ge=0, le=MAX_OFFSET),
+               limit: int = Query(50, ge=1, le=MAX_LIMIT)) -> UserPage:
     """List users, optionally of one role."""
     query = select(User)
     if role is not None:
