@@ -80,9 +80,24 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                                     settings.influx_org, settings.influx_bucket)
     worker = IngestWorker(settings, make_sessionmaker(make_engine(settings.db_url)),
                           client_id=args.worker_id, telemetry=telemetry)
+    # --metrics-port wins over PALAUTE_METRICS_PORT; 0 (the default) serves nothing.
+    metrics_port = (args.metrics_port if args.metrics_port is not None
+                    else settings.metrics_port)
+    server = None
+    if metrics_port:
+        from fleet.ingest.http import MetricsServer
+
+        try:
+            server = MetricsServer(worker.metrics, host=args.metrics_host, port=metrics_port,
+                                   health=worker.health)
+        except OSError as exc:
+            raise SystemExit(f"palaute ingest: cannot serve metrics on "
+                             f"{args.metrics_host}:{metrics_port}: {exc}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     worker.start()
+    if server is not None:
+        server.start()
     try:
         if not worker.wait_ready(args.connect_timeout):
             print(f"palaute ingest: could not connect and subscribe to {settings.mqtt_url} "
@@ -93,6 +108,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         pass
     finally:
         worker.stop()
+        if server is not None:
+            server.stop()
     return 0
 
 
@@ -225,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--worker-id", default=None,
                         help="MQTT client id; unique and stable per worker (persistent session)")
     ingest.add_argument("--connect-timeout", type=float, default=15.0)
+    ingest.add_argument("--metrics-port", type=int, default=None,
+                        help="serve /metrics and /healthz over HTTP on this port (0: off, "
+                             "the default)")
+    ingest.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for --metrics-port (0.0.0.0 to let a remote "
+                             "Prometheus scrape)")
     ingest.set_defaults(func=cmd_ingest)
 
     sim = sub.add_parser("sim", help="run simulated terminals against a broker")
@@ -262,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fleet.firmware_bundle import add_firmware_parser
     from fleet.pinmaps import add_hardware_parser
+    from fleet.reports_cli import add_report_parser
 
     add_hardware_parser(sub)
     add_firmware_parser(sub)
+    add_report_parser(sub)
 
     for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
                        ("provision", "provision a terminal over serial")):

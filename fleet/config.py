@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     ingest_batch_wait_ms: int = Field(default=20, ge=0)
     ingest_max_payload: int = Field(default=16_384, ge=256)
     ingest_max_future_ms: int = Field(default=24 * 3600 * 1000, ge=0)
+    # Terminals report health this often; one silent for 3x as long is marked offline.
+    health_interval_s: int = Field(default=300, ge=1)
+    # `palaute ingest` serves /metrics and /healthz here (0: off).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     influx_url: str = ""
     influx_token: str = ""

@@ -1,13 +1,20 @@
 """The ingest worker (``palaute ingest``).
 
-A paho-mqtt network thread receives messages into a bounded queue; one writer thread takes
-them in batches, stores every vote of the batch in one transaction, commits, and only then
-publishes the ``ack`` messages and acknowledges the MQTT deliveries to the broker.  A worker
+A paho-mqtt network thread receives messages into a bounded queue; a parser thread takes them
+in batches and validates them; a writer thread stores every vote of a batch in one
+transaction, commits, and only then publishes the ``ack`` messages and acknowledges the MQTT
+deliveries to the broker.  (Two threads so that validating the next batch overlaps with the
+database storing this one; batches stay in arrival order.)  A worker
 killed at any point therefore loses nothing: unacknowledged deliveries come back from the
 broker's persistent session, and terminals re-send anything they have no ``ack`` for.
 
 Several workers share the load through an MQTT shared subscription
 (``$share/<group>/fb/v1/d/+/votes``); they hold no state of their own.
+
+Between batches the writer also sweeps presence (``fleet/ingest/presence.py``): devices not
+heard from for three health intervals are marked offline.  ``health()`` reports whether the
+worker is connected and its writer is making progress, for ``/healthz``
+(``fleet/ingest/http.py``).
 """
 
 from __future__ import annotations
@@ -18,19 +25,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import and_, select, update
+from sqlalchemy import Table, and_, bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.config import Settings
 from fleet.db.models import Assignment, Device, Site
-from fleet.ingest.metrics import Metrics
+from fleet.ingest.metrics import Kind, Metrics
+from fleet.ingest.presence import PresenceSweeper
 from fleet.mqtt_url import parse_mqtt_url
 from fleet.protocol.v1 import (
     ProtocolError,
@@ -47,6 +55,37 @@ log = logging.getLogger("palaute.ingest")
 
 # Leaves of the device topic tree that the worker consumes.
 LEAVES = ("votes", "health", "status")
+# /healthz fails when the writer loop has not come round for this long (it does every 0.2 s
+# when idle): a hung database call or a dead thread.
+WRITER_STALL_S = 60.0
+
+_devices = cast(Table, Device.__table__)
+# One executemany per batch for all health samples and one for all status messages: with
+# thousands of devices a statement each would cost more than the votes.  COALESCE keeps the
+# stored firmware/content version when a sample does not carry one.
+_HEALTH_UPDATE = (update(_devices).where(_devices.c.id == bindparam("b_id")).values(
+    last_seen_ms=bindparam("b_seen"), online=True,
+    fw_version=func.coalesce(bindparam("b_fw"), _devices.c.fw_version),
+    content_version=func.coalesce(bindparam("b_cv"), _devices.c.content_version)))
+_STATUS_UPDATE = (update(_devices).where(_devices.c.id == bindparam("b_id")).values(
+    online=bindparam("b_online"), last_seen_ms=bindparam("b_seen")))
+
+METRICS: tuple[tuple[str, str, Kind], ...] = (
+    ("palaute_ingest_received_total", "MQTT messages received, by topic leaf", "counter"),
+    ("palaute_ingest_votes_stored_total", "Votes newly stored", "counter"),
+    ("palaute_ingest_votes_duplicate_total", "Votes received again and ignored", "counter"),
+    ("palaute_ingest_refused_total", "Messages or votes refused, by reason", "counter"),
+    ("palaute_ingest_acks_total", "Ack messages published to terminals", "counter"),
+    ("palaute_ingest_db_errors_total", "Failed database transactions (retried)", "counter"),
+    ("palaute_ingest_batches_total", "Transactions committed by the writer", "counter"),
+    ("palaute_ingest_presence_timeouts_total",
+     "Devices marked offline after three health intervals of silence", "counter"),
+    ("palaute_ingest_queue_depth", "Messages waiting for the writer", "gauge"),
+    ("palaute_ingest_lag_ms", "Age of the newest stored vote batch when committed", "gauge"),
+    ("palaute_ingest_batch_messages", "Messages in the last committed batch", "gauge"),
+    ("palaute_ingest_commit_seconds", "Duration of the last batch transaction", "gauge"),
+    ("palaute_ingest_connected", "1 while connected to the broker", "gauge"),
+)
 
 
 class TelemetrySink(Protocol):
@@ -68,23 +107,68 @@ class _Message:
     qos: int
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A batch after validation, ready for its transaction (parser -> writer thread)."""
+
+    messages: list[_Message]
+    now: int
+    vote_batches: list[VoteBatch]
+    health: dict[str, dict[str, Any]]
+    presence: dict[str, bool]
+    votes: int = 0  # in vote_batches, duplicates included
+
+    def merge(self, later: _Prepared) -> None:
+        """Append a later chunk; for health and status the latest message of a device wins."""
+        self.messages.extend(later.messages)
+        self.vote_batches.extend(later.vote_batches)
+        self.votes += later.votes
+        self.health.update(later.health)
+        self.presence.update(later.presence)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class IngestWorker:
     """Consume device messages from MQTT and store them; see the module docstring."""
 
     queue_max = 100_000
     db_retry_s = 0.5
+    # Besides PALAUTE_INGEST_BATCH_MAX messages, a transaction carries at most this many votes:
+    # 2000 backlog messages of 50 votes would make one 100,000-row transaction, slow to
+    # commit (latency for everyone behind it) and heavy in memory.  Measured on PostgreSQL:
+    # 20,000 cost a tenth of the rate (more round trips per vote), 50,000 nothing.
+    batch_votes_max = 50_000
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
                  client_id: str | None = None, metrics: Metrics | None = None,
                  telemetry: TelemetrySink | None = None,
-                 clock: Callable[[], int] = now_ms) -> None:
+                 clock: Callable[[], int] = now_ms,
+                 health_interval_s: float | None = None) -> None:
+        """Prepare (not start) a worker.
+
+        ``clock`` gives epoch milliseconds (tests pass a controllable one).
+        ``health_interval_s`` is the terminals' health period; three of them without any
+        message mark a device offline (default: setting ``PALAUTE_HEALTH_INTERVAL_S``, 300).
+        """
         self.settings = settings
         self.sessions = sessions
         self.metrics = metrics or Metrics()
         self.telemetry = telemetry
         self.topics = Topics(settings.topic_root)
         self.clock = clock
+        if health_interval_s is None:
+            health_interval_s = float(settings.health_interval_s)
+        self.presence = PresenceSweeper(health_interval_s)
+        self._writer_beat = time.monotonic()
+        self._db_failing = False
         self._queue: queue.Queue[_Message] = queue.Queue(self.queue_max)
+        # The hand-over slot between the parser and the writer (one batch at most).
+        self._slot: _Prepared | None = None
+        self._slot_changed = threading.Condition()
+        self._parser: threading.Thread | None = None
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.connected = threading.Event()
@@ -103,17 +187,9 @@ class IngestWorker:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
-        for name, text in (
-            ("palaute_ingest_received_total", "MQTT messages received, by topic leaf"),
-            ("palaute_ingest_votes_stored_total", "Votes newly stored"),
-            ("palaute_ingest_votes_duplicate_total", "Votes received again and ignored"),
-            ("palaute_ingest_refused_total", "Messages or votes refused, by reason"),
-            ("palaute_ingest_acks_total", "Ack messages published to terminals"),
-            ("palaute_ingest_db_errors_total", "Failed database transactions (retried)"),
-            ("palaute_ingest_queue_depth", "Messages waiting for the writer"),
-            ("palaute_ingest_lag_ms", "Age of the newest stored vote batch when committed"),
-        ):
-            self.metrics.describe(name, text)
+        for name, text, kind in METRICS:
+            self.metrics.describe(name, text, kind)
+        self.metrics.set("palaute_ingest_connected", 0)
 
     # -- MQTT callbacks (paho network thread) ---------------------------------------------
     def _filters(self) -> list[str]:
@@ -128,6 +204,7 @@ class IngestWorker:
             return
         log.info("connected to %s:%s", self._target.host, self._target.port)
         self.connected.set()
+        self.metrics.set("palaute_ingest_connected", 1)
         # Subscribing on every connect keeps working after the broker lost its state.
         client.subscribe([(f, 1) for f in self._filters()])
 
@@ -144,6 +221,7 @@ class IngestWorker:
                        reason: Any, _props: Any) -> None:
         self.connected.clear()
         self.subscribed.clear()
+        self.metrics.set("palaute_ingest_connected", 0)
         if not self._stop.is_set():
             log.warning("lost the broker connection (%s); reconnecting", reason)
 
@@ -152,37 +230,41 @@ class IngestWorker:
         # which keeps the messages queued instead of this process growing without bound.
         self._queue.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
-    # -- writer thread -----------------------------------------------------------------------
-    def _take_batch(self) -> list[_Message]:
+    # -- parser and writer threads -------------------------------------------------------------
+    def _drain(self, timeout: float, limit: int) -> list[_Message]:
+        """Up to ``limit`` queued messages, waiting at most ``timeout`` for the first one."""
         try:
-            first = self._queue.get(timeout=0.2)
+            chunk = [self._queue.get(timeout=timeout)]
         except queue.Empty:
             return []
-        batch = [first]
-        deadline = time.monotonic() + self.settings.ingest_batch_wait_ms / 1000
-        while len(batch) < self.settings.ingest_batch_max:
-            remaining = deadline - time.monotonic()
+        while len(chunk) < limit:
             try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0
-                             else self._queue.get_nowait())
+                chunk.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        return batch
+        return chunk
 
     def _refuse(self, message: _Message, reason: str, detail: str) -> None:
         self.metrics.inc("palaute_ingest_refused_total", reason=reason)
         log.warning("refused message on %s: %s", message.topic, detail)
 
     def process(self, messages: list[_Message]) -> None:
-        """Validate, store and acknowledge one batch of messages (writer thread)."""
+        """Validate, store and acknowledge one batch of messages, in the calling thread."""
+        self.store(self.prepare(messages))
+
+    def prepare(self, messages: list[_Message]) -> _Prepared:
+        """Validate one batch: refuse (and count) what is malformed (parser thread)."""
         now = self.clock()
         vote_batches: list[VoteBatch] = []
         health: dict[str, dict[str, Any]] = {}
         presence: dict[str, bool] = {}
+        # Counted here and added once per batch: one locked increment per message would be a
+        # measurable share of the per-message cost at 1 vote per message.
+        received: dict[str, int] = {}
         for message in messages:
             try:
                 device_id, leaf = self.topics.parse(message.topic)
-                self.metrics.inc("palaute_ingest_received_total", leaf=leaf)
+                received[leaf] = received.get(leaf, 0) + 1
                 if leaf == "votes":
                     vote_batches.append(parse_votes(
                         device_id, message.payload, max_bytes=self.settings.ingest_max_payload,
@@ -196,19 +278,37 @@ class IngestWorker:
                     presence[device_id] = status.get("online") is True
             except ProtocolError as exc:
                 self._refuse(message, exc.reason, str(exc))
+        for leaf, count in received.items():
+            self.metrics.inc("palaute_ingest_received_total", count, leaf=leaf)
+        return _Prepared(messages, now, vote_batches, health, presence,
+                         sum(len(batch.votes) for batch in vote_batches))
+
+    def store(self, prepared: _Prepared) -> None:
+        """Store one validated batch, commit, then ack terminals and broker (writer thread)."""
+        messages, now = prepared.messages, prepared.now
+        vote_batches, health, presence = (prepared.vote_batches, prepared.health,
+                                          prepared.presence)
         while not self._stop.is_set():
+            started = time.perf_counter()
             try:
                 with self.sessions.begin() as session:
                     result = store_batches(session, vote_batches, received_ms=now)
                     health_tags = self._store_presence(session, health, presence, now)
+                self._db_failing = False
                 break
             except SQLAlchemyError as exc:
                 # Nothing was acknowledged yet, so retrying the same batch loses nothing.
+                # (Also the way out of a deadlock between two workers storing the same
+                # re-sent votes: PostgreSQL aborts one, which tries again.)
+                self._db_failing = True
                 self.metrics.inc("palaute_ingest_db_errors_total")
                 log.error("database write failed, retrying in %.1fs: %s", self.db_retry_s, exc)
                 self._stop.wait(self.db_retry_s)
         else:
             return  # stopping: leave the deliveries unacknowledged for the broker to resend
+        self.metrics.inc("palaute_ingest_batches_total")
+        self.metrics.set("palaute_ingest_commit_seconds", round(time.perf_counter() - started, 6))
+        self.metrics.set("palaute_ingest_batch_messages", len(messages))
         self.metrics.inc("palaute_ingest_votes_stored_total", result.stored)
         self.metrics.inc("palaute_ingest_votes_duplicate_total", result.duplicates)
         for reason, count in result.refused.items():
@@ -251,28 +351,121 @@ class IngestWorker:
                                 "site": "" if row.site_id is None else str(row.site_id),
                                 "customer": "" if row.customer_id is None
                                 else str(row.customer_id)}
-        for device_id, sample in health.items():
-            values: dict[str, Any] = {"last_seen_ms": now, "online": True}
-            if isinstance(sample.get("fw"), str):
-                values["fw_version"] = sample["fw"][:32]
-            if isinstance(sample.get("content_version"), int):
-                values["content_version"] = sample["content_version"]
-            session.execute(update(Device).where(Device.id == device_id).values(**values))
-        for device_id, online in presence.items():
-            session.execute(update(Device).where(Device.id == device_id).values(
-                online=online, last_seen_ms=now))
+        if health:
+            connection = session.connection()
+            connection.execute(_HEALTH_UPDATE, [
+                {"b_id": device_id, "b_seen": now,
+                 "b_fw": sample["fw"][:32] if isinstance(sample.get("fw"), str) else None,
+                 "b_cv": sample["content_version"]
+                 if _is_int(sample.get("content_version")) else None}
+                for device_id, sample in sorted(health.items())])
+        if presence:
+            session.connection().execute(_STATUS_UPDATE, [
+                {"b_id": device_id, "b_online": online, "b_seen": now}
+                for device_id, online in sorted(presence.items())])
         return tags
+
+    # Two stages, so that validating messages (Python, holding the GIL) overlaps with storing
+    # the previous batch (mostly waiting for the database, GIL released): at 50 votes per
+    # message the database is the bottleneck, and a single thread would leave it idle while
+    # it parses (docs/performance.md).  The parser validates messages as they arrive and hands
+    # everything validated so far to the writer as soon as the writer is free and the batch
+    # is old enough (PALAUTE_INGEST_BATCH_WAIT_MS) or full (PALAUTE_INGEST_BATCH_MAX): under
+    # load batches grow by themselves, and one commit covers more messages.
+    def _parse_loop(self) -> None:
+        pending: _Prepared | None = None
+        due = 0.0
+        wait_s = self.settings.ingest_batch_wait_ms / 1000
+        batch_max = self.settings.ingest_batch_max
+        while not self._stop.is_set():
+            size = 0 if pending is None else len(pending.messages)
+            if pending is not None and pending.votes >= self.batch_votes_max:
+                size = batch_max
+            # Idle: block on the queue.  Holding a batch: short waits, to notice the writer
+            # becoming free (its hand-over slot is checked after every chunk).
+            chunk = (self._drain(0.2 if pending is None else 0.005, min(500, batch_max - size))
+                     if size < batch_max else [])
+            self.metrics.set("palaute_ingest_queue_depth", self._queue.qsize())
+            if chunk:
+                try:
+                    prepared = self.prepare(chunk)
+                except Exception:  # a bug must not kill the worker; the messages stay unacked
+                    log.exception("unexpected error while validating %d messages", len(chunk))
+                    self.metrics.inc("palaute_ingest_refused_total", len(chunk),
+                                     reason="internal")
+                    continue
+                if pending is None:
+                    pending, due = prepared, time.monotonic() + wait_s
+                else:
+                    pending.merge(prepared)
+            if pending is None:
+                continue
+            full = len(pending.messages) >= batch_max or pending.votes >= self.batch_votes_max
+            if (full or time.monotonic() >= due) and self._hand_over(pending, wait=full):
+                pending = None
+
+    def _hand_over(self, prepared: _Prepared, *, wait: bool) -> bool:
+        """Give ``prepared`` to the writer if it is free (or, with ``wait``, once it is)."""
+        with self._slot_changed:
+            if wait:
+                # A full batch: back-pressure, the network thread's queue absorbs the wait.
+                while self._slot is not None and not self._stop.is_set():
+                    self._slot_changed.wait(0.2)
+            if self._slot is not None or self._stop.is_set():
+                return False
+            self._slot = prepared
+            self._slot_changed.notify_all()
+            return True
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
-            batch = self._take_batch()
-            self.metrics.set("palaute_ingest_queue_depth", self._queue.qsize())
-            if batch:
+            self._writer_beat = time.monotonic()
+            with self._slot_changed:
+                if self._slot is None:
+                    self._slot_changed.wait(0.2)
+                prepared, self._slot = self._slot, None
+                self._slot_changed.notify_all()
+            if prepared is not None:
                 try:
-                    self.process(batch)
+                    self.store(prepared)
                 except Exception:  # a bug must not kill the worker; the messages stay unacked
-                    log.exception("unexpected error while processing %d messages", len(batch))
-                    self.metrics.inc("palaute_ingest_refused_total", len(batch), reason="internal")
+                    count = len(prepared.messages)
+                    log.exception("unexpected error while storing %d messages", count)
+                    self.metrics.inc("palaute_ingest_refused_total", count, reason="internal")
+            # In the writer thread, between batches: a sweep never runs concurrently with this
+            # worker's own presence updates, and needs no lock against them.
+            self.sweep_presence_if_due()
+
+    def sweep_presence_if_due(self) -> None:
+        """Mark devices silent for three health intervals offline, if a sweep is due."""
+        now = self.clock()
+        if not self.presence.due(now):
+            return
+        try:
+            with self.sessions.begin() as session:
+                marked = self.presence.sweep(session, now)
+        except SQLAlchemyError as exc:
+            self.metrics.inc("palaute_ingest_db_errors_total")
+            log.error("presence sweep failed, trying again later: %s", exc)
+            self.presence.record(now, 0)
+            return
+        if marked:
+            log.info("marked %d silent device(s) offline", marked)
+            self.metrics.inc("palaute_ingest_presence_timeouts_total", marked)
+        self.presence.record(now, marked)
+
+    def health(self) -> tuple[bool, str]:
+        """Whether this worker is doing its job, and if not why (for ``/healthz``)."""
+        problems = []
+        if not self.subscribed.is_set():
+            problems.append("not connected and subscribed to the broker")
+        if any(t is None or not t.is_alive() for t in (self._parser, self._writer)):
+            problems.append("parser or writer thread not running")
+        elif time.monotonic() - self._writer_beat > WRITER_STALL_S:
+            problems.append(f"writer stalled for more than {WRITER_STALL_S:.0f}s")
+        if self._db_failing:
+            problems.append("database writes failing (retrying)")
+        return (not problems, "; ".join(problems) or "ok")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -289,15 +482,19 @@ class IngestWorker:
         else:
             self._client.connect_async(self._target.host, self._target.port, keepalive=30)
         self._client.loop_start()
+        self._parser = threading.Thread(target=self._parse_loop, name="ingest-parser",
+                                        daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
                                         daemon=True)
+        self._parser.start()
         self._writer.start()
 
     def stop(self) -> None:
         """Stop consuming; deliveries not yet committed stay with the broker."""
         self._stop.set()
-        if self._writer is not None:
-            self._writer.join(timeout=10)
+        for thread in (self._parser, self._writer):
+            if thread is not None:
+                thread.join(timeout=10)
         self._client.disconnect()
         self._client.loop_stop()
         if self.telemetry is not None:

@@ -3,6 +3,20 @@
 One call stores many batches in one transaction (the ingest worker batches messages), so the
 cost of a commit is shared by hundreds of votes.  (device_id, seq) is the primary key and
 inserts skip existing rows, so a re-sent batch is stored once and acknowledged again.
+
+The statements per call are a fixed handful whatever the batch holds (measured in
+docs/performance.md):
+
+1. one query for the state and watermark of every device in the batch;
+2. one query for their assignment history (to stamp each vote with its site);
+3. the vote insert.  On PostgreSQL: ``COPY`` into a temporary stage table, then one
+   ``INSERT … SELECT … ON CONFLICT DO NOTHING`` that returns only the count of new rows.
+   Other databases (SQLite) take the portable SQLAlchemy ``INSERT … ON CONFLICT DO NOTHING``
+   executemany;
+4. one executemany that advances every device's watermark and ``last_seen_ms``;
+5. only for devices with a message *without* ``after`` (simple clients): the query that finds
+   how far the stored seqs are contiguous.  Terminals always send ``after``, so in production
+   this query does not run.
 """
 
 from __future__ import annotations
@@ -10,15 +24,41 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, bindparam, case, select, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from fleet.db.models import Assignment, Device, DeviceState
 from fleet.db.models import Vote as VoteRow
-from fleet.protocol.v1 import VoteBatch
+from fleet.protocol.v1 import FLAG_TIME_UNSYNCED, Vote, VoteBatch
+
+# Terminal timestamps below this (2001-09-09) are uptimes, not wall-clock times.
+UNKNOWN_TIME_BEFORE_MS = 10**12
+
+# The vote row as a tuple, in this column order (COPY sends the columns in this order too).
+_COLUMNS = ("device_id", "seq", "ts_ms", "button", "flags", "content_version", "site_id",
+            "received_ms")
+
+# PostgreSQL: votes are streamed with COPY (the fastest way into the server: rows are
+# formatted in C by psycopg, no statement per row) into a per-connection temporary table,
+# then moved with one INSERT … SELECT that skips existing keys and returns only a count.
+# ON COMMIT DELETE ROWS empties the stage at every commit, and a rolled-back transaction
+# takes its rows with it.
+_STAGE_DDL = ("CREATE TEMP TABLE IF NOT EXISTS palaute_vote_stage "
+              "(LIKE votes INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+_STAGE_COPY = f"COPY palaute_vote_stage ({', '.join(_COLUMNS)}) FROM STDIN"
+_STAGE_MOVE = (f"WITH new AS (INSERT INTO votes ({', '.join(_COLUMNS)}) "
+               f"SELECT {', '.join(_COLUMNS)} FROM palaute_vote_stage "
+               "ON CONFLICT (device_id, seq) DO NOTHING RETURNING 1) SELECT count(*) FROM new")
+
+_devices = cast(Table, Device.__table__)
+# Several workers may race on one device: the watermark only ever moves forward.
+_ADVANCE = (update(_devices).where(_devices.c.id == bindparam("b_id")).values(
+    acked_seq=case((_devices.c.acked_seq < bindparam("b_seq"), bindparam("b_seq")),
+                   else_=_devices.c.acked_seq),
+    last_seen_ms=bindparam("b_seen")))
 
 
 @dataclass
@@ -32,6 +72,19 @@ class StoreResult:
     refused_devices: list[tuple[str, str]] = field(default_factory=list)
 
 
+def vote_time(vote: Vote, received_ms: int) -> int:
+    """The time a vote counts at: its own, or the receive time when the terminal never knew.
+
+    A terminal that restarted before learning the time sends such presses with flag bit 1
+    and its uptime (docs/protocol.md); anything before 2001-09-09 is taken for that.  The
+    receive time is the best estimate there is, and keeps the vote in the right site's
+    report; flag bit 1 stays set to say the time is an estimate.
+    """
+    if vote.flags & FLAG_TIME_UNSYNCED and vote.ts_ms < UNKNOWN_TIME_BEFORE_MS:
+        return received_ms
+    return vote.ts_ms
+
+
 def _site_at(history: Sequence[tuple[int, int, int | None]], ts_ms: int) -> int | None:
     # history is (start, site, end) sorted by start; assignments are few per device.
     for start, site_id, end in reversed(history):
@@ -40,13 +93,34 @@ def _site_at(history: Sequence[tuple[int, int, int | None]], ts_ms: int) -> int 
     return None
 
 
-def _insert(session: Session) -> Any:
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(VoteRow)
-    if name == "sqlite":
-        return sqlite.insert(VoteRow)
-    raise RuntimeError(f"unsupported database dialect {name!r}")
+def _copy_rows(session: Session, rows: list[tuple[Any, ...]]) -> int:
+    """PostgreSQL: COPY ``rows`` into the stage, move the new ones; return how many."""
+    connection = session.connection()
+    # psycopg's COPY is not exposed by SQLAlchemy: use the DBAPI connection of this very
+    # transaction, so the rows commit or roll back with everything else.
+    raw: Any = connection.connection.dbapi_connection
+    with raw.cursor() as cursor:
+        # Checked every time (one short round trip) rather than remembered per connection:
+        # a table created in a transaction that rolled back is gone again.
+        cursor.execute(_STAGE_DDL)
+        with cursor.copy(_STAGE_COPY) as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(_STAGE_MOVE)
+        return int(cursor.fetchone()[0])
+
+
+def _insert_rows(session: Session, rows: list[tuple[Any, ...]]) -> int:
+    """Insert ``rows`` (skipping existing keys) and return how many were new."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return _copy_rows(session, rows)
+    if dialect != "sqlite":
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    statement = sqlite.insert(VoteRow).on_conflict_do_nothing(
+        index_elements=["device_id", "seq"]).returning(VoteRow.device_id)
+    return len(session.execute(statement, [dict(zip(_COLUMNS, row, strict=True))
+                                           for row in rows]).all())
 
 
 def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms: int
@@ -63,65 +137,74 @@ def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms
     if not by_device:
         return result
 
-    devices = {d.id: d for d in session.scalars(
-        select(Device).where(Device.id.in_(list(by_device))))}
+    # Core rows, not ORM objects: a batch can name thousands of devices and building an
+    # identity-mapped object for each costs more than the insert of their votes.
+    devices = {row.id: row for row in session.execute(
+        select(Device.id, Device.state, Device.acked_seq)
+        .where(Device.id.in_(list(by_device))))}
     history: dict[str, list[tuple[int, int, int | None]]] = defaultdict(list)
-    for row in session.execute(
-            select(Assignment.device_id, Assignment.start_ms, Assignment.site_id,
-                   Assignment.end_ms)
-            .where(Assignment.device_id.in_(list(devices)))
-            .order_by(Assignment.device_id, Assignment.start_ms)):
-        history[row.device_id].append((row.start_ms, row.site_id, row.end_ms))
+    if devices:
+        for row in session.execute(
+                select(Assignment.device_id, Assignment.start_ms, Assignment.site_id,
+                       Assignment.end_ms)
+                .where(Assignment.device_id.in_(list(devices)))
+                .order_by(Assignment.device_id, Assignment.start_ms)):
+            history[row.device_id].append((row.start_ms, row.site_id, row.end_ms))
 
-    rows: list[dict[str, int | str | None]] = []
+    # Keyed by (device, seq): a vote that arrives twice in one batch (a re-send racing its
+    # original) is inserted once and counted as a duplicate once.
+    rows: dict[tuple[str, int], tuple[Any, ...]] = {}
+    received = 0
     accepted: dict[str, list[VoteBatch]] = {}
     for device_id, device_batches in by_device.items():
         device = devices.get(device_id)
         reason = ("unknown_device" if device is None
-                  else "retired_device" if device.state is DeviceState.retired else None)
+                  else "retired_device" if device.state == DeviceState.retired else None)
         if reason is not None:
             count = sum(len(b.votes) for b in device_batches)
             result.refused[reason] = result.refused.get(reason, 0) + count
             result.refused_devices.append((device_id, reason))
             continue
         accepted[device_id] = device_batches
+        device_history = history[device_id]
         for batch in device_batches:
+            received += len(batch.votes)
             for vote in batch.votes:
-                rows.append({
-                    "device_id": device_id, "seq": vote.seq, "ts_ms": vote.ts_ms,
-                    "button": vote.button, "flags": vote.flags,
-                    "content_version": vote.content_version,
-                    "site_id": _site_at(history[device_id], vote.ts_ms),
-                    "received_ms": received_ms,
-                })
+                ts_ms = vote_time(vote, received_ms)
+                rows[(device_id, vote.seq)] = (
+                    device_id, vote.seq, ts_ms, vote.button, vote.flags,
+                    vote.content_version, _site_at(device_history, ts_ms), received_ms)
     if rows:
-        statement = _insert(session).on_conflict_do_nothing(
-            index_elements=["device_id", "seq"]).returning(VoteRow.device_id)
-        inserted = len(session.execute(statement, rows).all())
-        result.stored = inserted
-        result.duplicates = len(rows) - inserted
+        # Key order: concurrent workers touching the same keys then lock them in the same
+        # order, which keeps deadlocks (retried, but slow) away.
+        result.stored = _insert_rows(session, [rows[key] for key in sorted(rows)])
+        result.duplicates = received - result.stored
 
-    for device_id, device_batches in accepted.items():
-        watermark = _advance_watermark(session, devices[device_id].acked_seq, device_batches)
-        # Several workers may race on one device: never move the watermark backwards.
-        session.execute(update(Device).where(Device.id == device_id).values(
-            acked_seq=case((Device.acked_seq < watermark, watermark), else_=Device.acked_seq),
-            last_seen_ms=received_ms))
-        result.acks[device_id] = max(watermark, devices[device_id].acked_seq)
+    advances: list[dict[str, Any]] = []
+    for device_id in sorted(accepted):
+        previous = devices[device_id].acked_seq
+        watermark = _advance_watermark(session, device_id, previous, accepted[device_id])
+        advances.append({"b_id": device_id, "b_seq": watermark, "b_seen": received_ms})
+        result.acks[device_id] = max(watermark, previous)
+    if advances:
+        session.connection().execute(_ADVANCE, advances)
     return result
 
 
-def _advance_watermark(session: Session, watermark: int, batches: list[VoteBatch]) -> int:
+def _advance_watermark(session: Session, device_id: str, watermark: int,
+                       batches: list[VoteBatch]) -> int:
     """Highest seq S such that every vote the device holds with seq <= S is stored."""
-    for batch in sorted(batches, key=lambda b: b.votes[0].seq):
+    claimless = False
+    for batch in batches:
         if batch.after is not None:
             # The terminal vouches that the batch lists every vote it holds in (after, last];
             # everything up to `after` was acknowledged earlier, so the batch closes the gap.
             watermark = max(watermark, batch.votes[-1].seq)
-    if all(batch.after is not None for batch in batches):
-        return watermark
+        else:
+            claimless = True
+    if not claimless:
+        return watermark  # the common case: no query at all
     # Votes from clients that make no such claim count only when contiguous with what is stored.
-    device_id = batches[0].device_id
     while True:
         following = session.scalars(
             select(VoteRow.seq).where(VoteRow.device_id == device_id, VoteRow.seq > watermark)
@@ -134,3 +217,4 @@ def _advance_watermark(session: Session, watermark: int, batches: list[VoteBatch
         if advanced == watermark or len(following) < 500 or advanced != following[-1]:
             return advanced
         watermark = advanced
+

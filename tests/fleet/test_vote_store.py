@@ -7,7 +7,7 @@ from sqlalchemy import select
 from fleet.db.engine import make_engine, make_sessionmaker
 from fleet.db.models import Device, DeviceState
 from fleet.db.models import Vote as VoteRow
-from fleet.protocol.v1 import Vote, VoteBatch
+from fleet.protocol.v1 import FLAG_TIME_UNSYNCED, Vote, VoteBatch
 from fleet.services import registry
 from fleet.services.votes import store_batches
 
@@ -83,3 +83,18 @@ def test_watermark_is_contiguous_without_a_claim_and_jumps_with_one(db_url: str)
     assert claimed.acks[dev] == 11
     with sessions() as session:
         assert session.get_one(Device, dev).acked_seq == 11
+
+
+def test_vote_with_unknown_time_counts_at_receive_time(db_url: str) -> None:
+    sessions, site_a, site_b = setup_registry(db_url)
+    dev = "pt-aaaaaaaaaaaa"
+    # Flag bit 1 with an uptime (5 s after boot): the terminal never learnt the time.
+    unknown = VoteBatch(dev, (Vote(1, 5_000, 2, FLAG_TIME_UNSYNCED, 0),), None)
+    # Flag bit 1 with a rebased wall-clock estimate: kept as it is.
+    estimated = VoteBatch(dev, (Vote(2, T0 - 1_000, 2, FLAG_TIME_UNSYNCED, 0),), None)
+    with sessions.begin() as session:
+        store_batches(session, [unknown, estimated], received_ms=T0 + 500)
+    with sessions() as session:
+        rows = {r.seq: (r.ts_ms, r.site_id, r.flags) for r in session.scalars(select(VoteRow))}
+    assert rows[1] == (T0 + 500, site_b, FLAG_TIME_UNSYNCED)  # at the site it stands at now
+    assert rows[2] == (T0 - 1_000, site_a, FLAG_TIME_UNSYNCED)
