@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): ``python -m bench.firmware_bench``; see ``bench/README.md``."""
+"""Benchmarks (not tests): ``python -m bench.<name>``; see ``bench/README.md``."""
