@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -85,10 +88,16 @@ def file_tail(path: Path, lines: int = 40) -> str:
 class ServerProcess:
     """What the service fixtures share: waiting for readiness with the log in every error.
 
-    Subclasses provide ``service_name``, ``running`` and ``log_tail()``.
+    Subclasses provide ``service_name``, ``running`` and ``log_tail()``, and keep their
+    process in ``_process``, its kill-at-exit finalizer in ``_finalizer`` and the open output
+    file in ``_log``.
     """
 
     service_name = "server"
+    stop_timeout = 30.0
+    _process: subprocess.Popen[bytes] | None = None
+    _finalizer: weakref.finalize[Any, Any] | None = None
+    _log: IO[bytes] | None = None
 
     @property
     def running(self) -> bool:
@@ -110,3 +119,23 @@ class ServerProcess:
             wait_until(check, timeout, what)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
+
+    def _signal_and_wait(self, signum: signal.Signals) -> None:
+        """Send ``signum``, wait (SIGKILL if it hangs), and release the process's resources."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signum)
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None

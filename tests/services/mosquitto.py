@@ -59,7 +59,6 @@ ADMIN_USER = "palaute-admin"
 DEVICE_ACL_PATTERN = "fb/v1/d/%u/#"
 
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 15.0
 RELOAD_TIMEOUT = 10.0
 
 _RUNNING_LINE = re.compile(r"mosquitto version \S+ running")
@@ -77,6 +76,7 @@ class MosquittoBroker(ServerProcess):
     """
 
     service_name = "mosquitto"
+    stop_timeout = 15.0
 
     host = "127.0.0.1"
 
@@ -95,7 +95,7 @@ class MosquittoBroker(ServerProcess):
         self._mosquitto_passwd = require_binary("mosquitto_passwd", INSTALL_HINT, SBIN_DIRS)
         self._admins: dict[str, bool] = {}
         self._process: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
+        self._log: IO[bytes] | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], MosquittoBroker] | None = None
 
         self.persistence_dir.mkdir(exist_ok=True)
@@ -178,12 +178,12 @@ class MosquittoBroker(ServerProcess):
         """Start the broker and wait until it listens; raise with its log if it exits early."""
         if self.running:
             return
-        self._close_output()
+        self._close_log()
         offset = _size(self.log_file)
-        self._output = open(self.output_file, "ab")  # noqa: SIM115 (kept open while it runs)
+        self._log = open(self.output_file, "ab")  # noqa: SIM115 (kept open while it runs)
         self._process = subprocess.Popen(
             [self._mosquitto, "-c", str(self.config_file)], cwd=self.workdir,
-            stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C aimed at pytest must not kill the broker before the
             # fixture's teardown has stopped it cleanly.
             start_new_session=True)
@@ -211,24 +211,6 @@ class MosquittoBroker(ServerProcess):
         self.stop()
         self.start()
 
-    def _signal_and_wait(self, signum: signal.Signals) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signum)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        self._close_output()
-
-    def _close_output(self) -> None:
-        if self._output is not None:
-            self._output.close()
-            self._output = None
 
     # -- diagnostics -----------------------------------------------------------------------
 

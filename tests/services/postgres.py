@@ -215,7 +215,8 @@ class PostgresServer(ServerProcess):
     def close(self) -> None:
         """Stop the server and delete its data directory if it lives outside ``workdir``."""
         self.stop()
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
 
     # -- databases -------------------------------------------------------------------------
 
@@ -263,11 +264,6 @@ class PostgresServer(ServerProcess):
         except psycopg.OperationalError:
             # Not listening yet, or "the database system is starting up".
             return False
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the initdb/server log."""

@@ -37,6 +37,7 @@ is refreshed lazily, about once a second.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 import urllib.error
@@ -59,7 +60,6 @@ from tests.services.common import (
 
 INSTALL_HINT = "run scripts/install-system-packages.sh (Debian package victoria-metrics)"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 HTTP_TIMEOUT = 10.0
 # How far past "now" the helpers query; see the module docstring.
 NOW_MARGIN_S = 1.0
@@ -69,6 +69,7 @@ class VictoriaMetrics(ServerProcess):
     """A ``victoria-metrics`` single-node server on a free 127.0.0.1 port, data in ``workdir``."""
 
     service_name = "VictoriaMetrics"
+    stop_timeout = 30.0
 
     host = "127.0.0.1"
 
@@ -123,18 +124,7 @@ class VictoriaMetrics(ServerProcess):
 
     def stop(self) -> None:
         """SIGTERM (VictoriaMetrics flushes and exits) and wait; SIGKILL if it hangs."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        self._close_log()
+        self._signal_and_wait(signal.SIGTERM)
 
     # -- reading back what was written -----------------------------------------------------
 
@@ -187,11 +177,6 @@ class VictoriaMetrics(ServerProcess):
             return self._get("/health").strip() == "OK"
         except (OSError, RuntimeError):
             return False
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log."""
