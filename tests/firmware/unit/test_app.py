@@ -297,12 +297,16 @@ def test_content_version_is_checked_when_set_so_a_press_never_fails():
 
 
 class HealthWire:
-    def __init__(self):
+    """Records each health report with the instant the terminal decided to send it: the
+    debounce is defined from that instant (building the payload takes time under load)."""
+
+    def __init__(self, terminal):
+        self.terminal = terminal
         self.reports = []
 
     async def publish(self, topic, payload, qos):
         assert topic == PREFIX + "health" and qos == 0
-        self.reports.append((ticks_ms(), json.loads(payload)))
+        self.reports.append((self.terminal._health_at, json.loads(payload)))
 
 
 def test_health_after_notable_events_is_debounced():
@@ -311,7 +315,7 @@ def test_health_after_notable_events_is_debounced():
         t = rig.t
         t.health_debounce_ms = 80
         t.clock_poll_ms = 10
-        wire = HealthWire()
+        wire = HealthWire(t)
         t.client.publish = wire.publish
         t.link.up.set()
         task = asyncio.create_task(t._health())
