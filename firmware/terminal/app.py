@@ -84,7 +84,10 @@ class Terminal:
                            (self.prefix + "cmd", 1)],
             birth=(self.prefix + "status", self._status_payload, 1, True),
             on_up=self._link_up,
-            on_down=lambda: board.emit("link", False))
+            on_down=lambda: board.emit("link", False),
+            backoff_min_s=config["reconnect_min_ms"] / 1000,
+            backoff_max_s=config["reconnect_max_s"],
+            stable_s=config["reconnect_stable_s"])
         self.uploader = Uploader(
             self.log, self.link.up, self.client.publish, self.prefix + "votes",
             batch_max=config["batch_max"], ack_timeout_s=config["ack_timeout_s"],
@@ -166,6 +169,7 @@ class Terminal:
 
     def _link_up(self):
         self.board.emit("link", True)
+        self.uploader.link_up()  # re-send what was in flight when the old session died
         self.notify_health()
 
     # -- buttons ----------------------------------------------------------------------------

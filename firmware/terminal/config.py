@@ -22,6 +22,11 @@ DEFAULTS = {
     "burst_count": 8,
     "burst_window_ms": 20000,
     "burst_quiet_ms": 30000,
+    # Reconnect backoff (full jitter between 0 and min * 2^n, capped); the attempt counter
+    # resets once a session has stayed up reconnect_stable_s.
+    "reconnect_min_ms": 1000,
+    "reconnect_max_s": 300,
+    "reconnect_stable_s": 60,
 }
 _HEX = "0123456789abcdef"
 
@@ -69,7 +74,7 @@ def validate(raw):
         raise ConfigError("buttons", "must be 2..5")
     for key in ("keepalive_s", "health_interval_s", "ack_timeout_s", "batch_max",
                 "debounce_ms", "min_gap_ms", "burst_count", "burst_window_ms",
-                "burst_quiet_ms"):
+                "burst_quiet_ms", "reconnect_min_ms", "reconnect_max_s", "reconnect_stable_s"):
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(key, "must be a non-negative integer")

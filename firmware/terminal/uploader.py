@@ -38,6 +38,10 @@ class Uploader:
     """
 
     ack_timeout_s = 15
+    # Pause after a failed publish.  The MQTT client fails at once when its session just died,
+    # but the link clears ``up`` only when its own task next runs: without a pause this loop
+    # would retry without ever yielding and starve every other task (watchdog included).
+    retry_pause_s = 0.1
 
     def __init__(self, log, up, publish, topic, *, batch_max=50, ack_timeout_s=None,
                  on_event=None, wall_ms=None, uptime_ms=None, boot_seq=None):
@@ -57,6 +61,7 @@ class Uploader:
         self.sent_batches = 0
         self.resends = 0
         self._stop = False
+        self._reconnected = False
 
     def notify(self):
         """Wake the uploader: a vote was appended."""
@@ -112,10 +117,14 @@ class Uploader:
                 continue
             last = batch[-1][0]
             self.acked.clear()
+            self._reconnected = False
             try:
                 await self.publish(self.topic, self.encode(batch), 1)
             except OSError:
-                continue  # link went down; wait for it to come back and send again
+                # The link went down: pause (see retry_pause_s), then wait for it to come
+                # back and send again.
+                await asyncio.sleep(self.retry_pause_s)
+                continue
             self.sent_batches += 1
             del batch
             try:
@@ -124,9 +133,15 @@ class Uploader:
                 self.resends += 1
 
     async def _until_acked(self, seq):
-        while self.log.acked_seq < seq:
+        while self.log.acked_seq < seq and not self._reconnected:
             await self.acked.wait()
             self.acked.clear()
+
+    def link_up(self):
+        """The link (re)connected: an ack for the batch in flight may have been lost with the
+        old session, so stop waiting for it and send the batch again at once."""
+        self._reconnected = True
+        self.acked.set()
 
     def stop(self):
         """Ask ``run`` to finish."""

@@ -17,6 +17,7 @@ def test_valid_config_gets_defaults():
     assert cfg["topic_root"] == "fb/v1"
     assert cfg["buttons"] == 4
     assert cfg["batch_max"] == 50
+    assert (cfg["reconnect_min_ms"], cfg["reconnect_max_s"]) == (1000, 300)
 
 
 def test_device_id_rules():
@@ -42,6 +43,8 @@ def test_each_problem_names_its_key():
     check_key(lambda c: c.update(buttons=6), "buttons")
     check_key(lambda c: c.update(batch_max=51), "batch_max")
     check_key(lambda c: c.update(ack_timeout_s=-1), "ack_timeout_s")
+    check_key(lambda c: c.update(reconnect_min_ms="fast"), "reconnect_min_ms")
+    check_key(lambda c: c.update(reconnect_max_s=-5), "reconnect_max_s")
     check_key(lambda c: c.update(wifi={"ssid": 5, "password": "x"}), "wifi.ssid")
     assert raises(ConfigError, validate, [1, 2]).key == "config"
 

@@ -113,3 +113,46 @@ def test_stale_ack_does_not_move_backwards():
         up.on_ack(2)
         assert log.acked_seq == 3 and log.pending == 2
     asyncio.run(main())
+
+
+def test_failed_publish_while_link_looks_up_does_not_starve_other_tasks():
+    # The MQTT client fails at once after its session died, before the link task has run
+    # and cleared `up`: the uploader must yield instead of retrying in a tight loop.
+    async def main():
+        up, _, _ = make(3, ack_timeout_s=5)
+        up.retry_pause_s = 0.01
+        attempts = [0]
+
+        async def failing(topic, payload, qos):
+            attempts[0] += 1
+            raise OSError(107)
+
+        up.publish = failing
+        ticks = [0]
+
+        async def other_task():
+            while ticks[0] < 5:
+                ticks[0] += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(up.run())
+        await asyncio.wait_for(other_task(), 2)  # would time out if the uploader spun
+        up.stop()
+        task.cancel()
+        assert ticks[0] == 5
+        assert 1 <= attempts[0] <= 20
+    asyncio.run(main())
+
+
+def test_reconnect_resends_the_batch_in_flight_without_waiting_for_the_timeout():
+    async def main():
+        up, _, wire = make(2, ack_timeout_s=30)
+        task = asyncio.create_task(up.run())
+        _, first, _ = await wire.next()
+        up.link_up()  # the old session died with the ack; a new one is up
+        _, again, _ = await wire.next()  # well before the 30 s ack timeout
+        assert again == first
+        up.on_ack(2)
+        up.stop()
+        await asyncio.wait_for(task, 5)
+    asyncio.run(main())
