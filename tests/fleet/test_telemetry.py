@@ -45,7 +45,7 @@ def test_samples_land_in_the_influxdb_compatible_store(victoria: VictoriaMetrics
     assert telemetry.flush(10)
     telemetry.close()
     assert telemetry.stats.written == 2 and telemetry.stats.dropped == {}
-    rows = victoria.query('health_heap_free{device=~"pt-0000000000a[12]"}')
+    rows = victoria.query('health_heap_free{device=~"pt-0000000000a[12]"}', expect=2)
     values = {r["metric"]["device"]: float(r["value"][1]) for r in rows}
     assert values == {DEV: 51234.0, "pt-0000000000a2": 40000.0}
     labels = next(r["metric"] for r in rows if r["metric"]["device"] == DEV)
@@ -100,7 +100,7 @@ def test_worker_writes_health_with_registry_tags(
     finally:
         listener.close()
         worker.stop()
-    rows = victoria.query(f'health_queue{{device="{DEV}"}}')
+    rows = victoria.query(f'health_queue{{device="{DEV}"}}', expect=1)
     assert len(rows) == 1 and float(rows[0]["value"][1]) == 3.0
     labels = rows[0]["metric"]
     assert (labels["site"], labels["customer"], labels["board"]) == (

@@ -265,7 +265,7 @@ def test_postgres_server_runs_on_loopback_and_never_as_root(
 # -- VictoriaMetrics ------------------------------------------------------------------------
 
 @pytest.mark.victoria
-def test_influxdb_client_writes_are_queryable_at_once(victoria: VictoriaMetrics) -> None:
+def test_influxdb_client_writes_become_queryable(victoria: VictoriaMetrics) -> None:
     device = f"pt-{uuid.uuid4().hex[:12]}"
     point = (Point("health").tag("device", device)
              .field("heap_free", 1234).field("rssi", -61.5).field("charging", True))
@@ -273,7 +273,7 @@ def test_influxdb_client_writes_are_queryable_at_once(victoria: VictoriaMetrics)
         client.write_api(write_options=SYNCHRONOUS).write(bucket="palaute", record=point)
 
     # One series per field, "{measurement}_{field}"; tags become labels; no "db" label.
-    result = victoria.query(f'{{__name__=~"health_.*", device="{device}"}}')
+    result = victoria.query(f'{{__name__=~"health_.*", device="{device}"}}', expect=3)
     assert sorted((r["metric"]["__name__"], r["value"][1]) for r in result) == [
         ("health_charging", "1"), ("health_heap_free", "1234"), ("health_rssi", "-61.5")]
     assert all(set(r["metric"]) == {"__name__", "device"} for r in result)

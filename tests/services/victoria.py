@@ -30,7 +30,10 @@ searchable; :meth:`VictoriaMetrics.flush` calls it and :meth:`~VictoriaMetrics.q
 whole-second resolution, so a query without an explicit time does not see samples from the
 current second; the helpers therefore query at *now + 1 s*.  The server also runs with
 ``-search.disableCache`` (no stale cached results) and ``-search.latencyOffset=0s`` (no 30 s
-hiding of recent samples).  Do not poll ``/metrics`` to see whether a write arrived: that page
+hiding of recent samples).  Even so, under load a *new* series can reach the index a moment
+after ``force_flush`` returns, so tests that expect data pass ``expect=N`` to
+:meth:`~VictoriaMetrics.query`, which re-flushes and re-queries for a bounded time.
+Do not poll ``/metrics`` to see whether a write arrived: that page
 is refreshed lazily, about once a second.
 """
 
@@ -56,6 +59,7 @@ from tests.services.common import (
     free_port,
     kill_process,
     require_binary,
+    wait_until,
 )
 
 INSTALL_HINT = "run scripts/install-system-packages.sh (Debian package victoria-metrics)"
@@ -63,6 +67,8 @@ START_TIMEOUT = 30.0
 HTTP_TIMEOUT = 10.0
 # How far past "now" the helpers query; see the module docstring.
 NOW_MARGIN_S = 1.0
+# How long query(expect=N) waits for freshly written series to become searchable.
+VISIBLE_TIMEOUT = 10.0
 
 
 class VictoriaMetrics(ServerProcess):
@@ -132,20 +138,37 @@ class VictoriaMetrics(ServerProcess):
         """Make every sample written so far visible to queries and exports."""
         self._get("/internal/force_flush")
 
-    def query(self, promql: str, *, flush: bool = True) -> list[dict[str, Any]]:
+    def query(self, promql: str, *, flush: bool = True,
+              expect: int | None = None) -> list[dict[str, Any]]:
         """Run an instant query (``/api/v1/query``) and return ``data.result``.
 
         Each element is ``{"metric": {labels...}, "value": [unix_seconds, "value"]}``.  The
         query time is now + 1 s, so samples from the current second are included; instant
         queries only see the latest sample of each series within the last 5 minutes.
+
+        With ``expect=N`` the flush and query repeat (for at most ``VISIBLE_TIMEOUT``) until
+        at least N series are visible: under load VictoriaMetrics registers a new series in
+        its index shortly *after* ``force_flush`` returns, and it offers no event to await.
         """
-        if flush:
-            self.flush()
-        at = f"{time.time() + NOW_MARGIN_S:.3f}"
-        body = json.loads(self._get("/api/v1/query", {"query": promql, "time": at}))
-        if body.get("status") != "success":
-            raise RuntimeError(f"VictoriaMetrics query {promql!r} failed: {body}")
-        result: list[dict[str, Any]] = body["data"]["result"]
+        def run() -> list[dict[str, Any]]:
+            if flush:
+                self.flush()
+            at = f"{time.time() + NOW_MARGIN_S:.3f}"
+            body = json.loads(self._get("/api/v1/query", {"query": promql, "time": at}))
+            if body.get("status") != "success":
+                raise RuntimeError(f"VictoriaMetrics query {promql!r} failed: {body}")
+            found: list[dict[str, Any]] = body["data"]["result"]
+            return found
+
+        result = run()
+        if expect is not None and len(result) < expect:
+            def visible() -> bool:
+                nonlocal result
+                result = run()
+                return len(result) >= expect
+
+            wait_until(visible, VISIBLE_TIMEOUT, f"{expect} series for {promql!r}",
+                       interval=0.05)
         return result
 
     def export(self, match: str, *, flush: bool = True) -> list[dict[str, Any]]:
