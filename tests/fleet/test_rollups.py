@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from datetime import date
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -169,16 +168,9 @@ def test_triggers_follow_manual_deletes_and_updates(db_url: str) -> None:
         assert session.scalar(select(func.min(row_totals))) == 1
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'old.db'}"
-    return str(request.getfixturevalue("postgres_url"))
-
-
-def test_migration_backfills_rollups_for_existing_votes(empty_url: str) -> None:
-    upgrade(empty_url, "0002")
-    engine = create_engine(empty_url)
+def test_migration_backfills_rollups_for_existing_votes(unmigrated_db_url: str) -> None:
+    upgrade(unmigrated_db_url, "0002")
+    engine = create_engine(unmigrated_db_url)
     rng = random.Random(3)
     t0 = at("UTC", "2026-01-01T00:00")
     with engine.begin() as conn:
@@ -199,9 +191,9 @@ def test_migration_backfills_rollups_for_existing_votes(empty_url: str) -> None:
              for device in ("pt-0000000000d1", "pt-0000000000d2") for seq in range(1, 301)])
         stamped = conn.execute(text("SELECT count(*) FROM votes WHERE site_id IS NOT NULL")
                                ).scalar_one()
-    upgrade(empty_url)
-    upgrade(empty_url)  # idempotent
-    fleet = Fleet(empty_url)
+    upgrade(unmigrated_db_url)
+    upgrade(unmigrated_db_url)  # idempotent
+    fleet = Fleet(unmigrated_db_url)
     with fleet.sessions() as session:
         expected = aggregate_votes(session)
         assert rollup_counts(session) == expected
@@ -216,10 +208,10 @@ def test_migration_backfills_rollups_for_existing_votes(empty_url: str) -> None:
         assert verify_rollups(session) == {}
         assert total(rollup_counts(session)) == stamped + 3
     # Down and up again: the table, triggers and functions go, then come back backfilled.
-    command.downgrade(alembic_config(empty_url), "0002")
+    command.downgrade(alembic_config(unmigrated_db_url), "0002")
     with engine.connect() as conn:
         assert "vote_rollups" not in inspect(conn).get_table_names()
-    upgrade(empty_url)
+    upgrade(unmigrated_db_url)
     with fleet.sessions() as session:
         assert verify_rollups(session) == {} and total(rollup_counts(session)) == stamped + 3
     engine.dispose()

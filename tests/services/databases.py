@@ -18,3 +18,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = str(request.getfixturevalue("postgres_url"))
     upgrade(url)
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def unmigrated_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database (SQLite file or fresh PostgreSQL database) with no schema yet, for
+    tests that migrate step by step."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'old.db'}"
+    return str(request.getfixturevalue("postgres_url"))
