@@ -14,10 +14,9 @@ Plain MicroPython that also runs under CPython: the hardware comes in through th
 import asyncio
 import gc
 import io
-import json
 import sys
 
-from terminal.config import ConfigError
+from terminal.config import ConfigError, read_json
 from terminal.config import load as load_config
 
 CONFIG_PATH = "/config.json"
@@ -33,13 +32,8 @@ SAFE_MODE_TITLE = "Setup needed"
 
 def load_pins(path):
     """Read the installed pin map (``hardware/boards/<board>.json``, checked on the host)."""
-    try:
-        with open(path) as f:
-            pins = json.load(f)
-    except OSError:
-        raise ConfigError("board", "cannot read %s; install the board's pin map" % path) from None
-    except ValueError:
-        raise ConfigError("board", "%s is not valid JSON; reinstall the pin map" % path) from None
+    pins = read_json(path, "board", "cannot read %s; install the board's pin map",
+                     "%s is not valid JSON; reinstall the pin map")
     if (not isinstance(pins, dict) or not isinstance(pins.get("board"), str)
             or not isinstance(pins.get("buttons"), list)):
         raise ConfigError("board", "%s is not a pin map; reinstall it from hardware/boards"

@@ -91,14 +91,19 @@ def validate(raw):
     return cfg
 
 
-def load(path):
-    """Read and validate the config file at ``path``."""
+def read_json(path, key, unreadable, invalid):
+    """Parse the JSON file at ``path``; a missing or broken file is a ConfigError on ``key``
+    whose message is ``unreadable`` or ``invalid`` (each with ``%s`` for the path)."""
     try:
         with open(path) as f:
-            raw = json.load(f)
+            return json.load(f)
     except OSError:
-        raise ConfigError("config", "cannot read %s; provision the device" % path) from None
+        raise ConfigError(key, unreadable % path) from None
     except ValueError:
-        raise ConfigError("config",
-                          "%s is not valid JSON; re-provision the device" % path) from None
-    return validate(raw)
+        raise ConfigError(key, invalid % path) from None
+
+
+def load(path):
+    """Read and validate the config file at ``path``."""
+    return validate(read_json(path, "config", "cannot read %s; provision the device",
+                              "%s is not valid JSON; re-provision the device"))
