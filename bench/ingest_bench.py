@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -221,15 +220,7 @@ class Bench:
         worker = IngestProcess(db_url=db_url, workdir=self.workdir, worker_id=worker_id,
                                mqtt_url=broker.url_for(broker.admin_user,
                                                        broker.admin_password))
-        offset = broker.log_file.stat().st_size
-        worker.start()
-        pattern = re.compile(rf"{re.escape(worker_id)} 1 \$share/\S+/status")
-
-        def subscribed() -> bool:
-            with open(broker.log_file, "rb") as log:
-                log.seek(offset)
-                return bool(pattern.search(log.read().decode(errors="replace")))
-        wait_until(subscribed, 60, f"{worker_id} to subscribe\n{worker.log_tail()}")
+        worker.start_subscribed(broker, timeout=60)
         return worker
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,6 @@ from fleet.db.models import Assignment, Device, DeviceState
 from fleet.db.models import Vote as VoteRow
 from fleet.services import registry
 from fleet.services.clock import now_ms
-from tests.services.common import wait_until
 from tests.services.ingest import IngestProcess
 from tests.services.mosquitto import MosquittoBroker
 
@@ -215,17 +213,7 @@ def start_worker(broker: MosquittoBroker, db_url: str, workdir: Path, worker_id:
     """Start ``palaute ingest`` and wait (on the broker's log) until it has subscribed."""
     worker = IngestProcess(db_url=db_url, workdir=workdir, worker_id=worker_id,
                            mqtt_url=broker.url_for(broker.admin_user, broker.admin_password))
-    offset = broker.log_file.stat().st_size
-    worker.start()
-    # No event reaches the test from another process; the broker's subscribe log line is the
-    # earliest proof that deliveries will flow to this worker.
-    pattern = re.compile(rf"{re.escape(worker_id)} 1 \$share/palaute-ingest/fb/v1/d/\+/status")
-
-    def subscribed() -> bool:
-        with open(broker.log_file, "rb") as log:
-            log.seek(offset)
-            return bool(pattern.search(log.read().decode(errors="replace")))
-    wait_until(subscribed, 30, f"{worker_id} to subscribe\n{worker.log_tail()}")
+    worker.start_subscribed(broker)
     return worker
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet.services.clock import now_ms
+from tests.services.common import wait_until
+
+if TYPE_CHECKING:
+    from tests.services.mosquitto import MosquittoBroker
 
 PALAUTE = Path(sys.executable).parent / "palaute"
 
@@ -31,6 +37,24 @@ class IngestProcess:
             self.process = subprocess.Popen(
                 [str(PALAUTE), "ingest", "--worker-id", self.worker_id], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT)
+
+    def start_subscribed(self, broker: MosquittoBroker, timeout: float = 30) -> None:
+        """Start, then wait until ``broker`` logs this worker's subscription.
+
+        No event reaches the caller from another process; the broker's subscribe log line is
+        the earliest proof that deliveries will flow to this worker.
+        """
+        offset = broker.log_file.stat().st_size
+        self.start()
+        # Default shared group and topic root (neither is overridden by the callers).
+        pattern = re.compile(
+            rf"{re.escape(self.worker_id)} 1 \$share/palaute-ingest/fb/v1/d/\+/status")
+
+        def subscribed() -> bool:
+            with open(broker.log_file, "rb") as log:
+                log.seek(offset)
+                return bool(pattern.search(log.read().decode(errors="replace")))
+        wait_until(subscribed, timeout, f"{self.worker_id} to subscribe\n{self.log_tail()}")
 
     def stop(self) -> None:
         """SIGTERM and wait (a clean shutdown)."""
