@@ -21,20 +21,52 @@ rest are sent: at most one vote per boot reaches the fleet with an uptime instea
 """
 
 import asyncio
-import json
 
 from micropython import const
 
 _UNSYNCED = const(2)  # flag bit 1: time not synced (ts_ms is the uptime at the press)
+# Longest row: ", [4294967295, 281474976710655, 7, 31, 65535]" (seq u32, ts u48, ...).
+_ROW_MAX = const(46)
+_HEAD = b'{"votes": ['
+_TAIL = b'], "after": '
+
+
+def put(buf, i, data):
+    """Copy the bytes ``data`` into ``buf`` at ``i``; return the index after them.  Byte by
+    byte: a slice assignment would allocate a slice object."""
+    for k in range(len(data)):
+        buf[i + k] = data[k]
+    return i + len(data)
+
+
+def put_int(buf, i, n):
+    """Write the non-negative int ``n`` in decimal into ``buf`` at ``i``; return the index
+    after it.  No string is built (``str(n)`` would allocate one per field)."""
+    p = 1
+    while p * 10 <= n:
+        p *= 10
+    while p:
+        buf[i] = 48 + n // p % 10
+        p //= 10
+        i += 1
+    return i
+
+
+def put_field(buf, i, n):
+    """Write ``", "`` and the int ``n`` into ``buf`` at ``i``; return the index after."""
+    buf[i] = 44  # ","
+    buf[i + 1] = 32
+    return put_int(buf, i + 2, n)
 
 
 class Uploader:
     """Moves votes from a ``VoteLog`` to the fleet.
 
     ``up`` is an Event set while the MQTT link is connected; ``publish`` is
-    ``async publish(topic, payload, qos)`` that raises OSError when the link fails.
-    Rebasing (module docstring) needs ``wall_ms()`` (epoch ms or None while unknown),
-    ``uptime_ms()`` and ``boot_seq``; without them votes are sent as stored.
+    ``async publish(topic, payload, qos)`` that raises OSError when the link fails; the
+    payload it gets is a memoryview into the uploader's one payload buffer, valid until
+    ``publish`` returns.  Rebasing (module docstring) needs ``wall_ms()`` (epoch ms or None
+    while unknown), ``uptime_ms()`` and ``boot_seq``; without them votes are sent as stored.
     """
 
     ack_timeout_s = 15
@@ -62,6 +94,19 @@ class Uploader:
         self.resends = 0
         self._stop = False
         self._reconnected = False
+        # The ``votes`` payload is written straight into this buffer, allocated once: a
+        # batch's JSON needs no string, no list per vote and no heap block of its size
+        # (that block, ~1.6 KB per batch, was what a small heap failed to find).
+        self._out = bytearray(len(_HEAD) + batch_max * _ROW_MAX + len(_TAIL) + 11)
+        self._out_mv = memoryview(self._out)
+        self._at = 0  # bytes of the payload written so far
+        self._rows = 0  # votes in it
+        self._last = 0  # seq of the last vote in it
+        self._wall = None  # wall_ms() while this payload is written (None: unknown)
+        self._now = 0  # uptime_ms() then
+        self._limit = False  # cut the batch while the clock is unknown (``take``)
+        self._cut = False  # the next vote offered ends the batch
+        self._take = self.take  # bound once: ``log.each`` calls it per vote
 
     def notify(self):
         """Wake the uploader: a vote was appended."""
@@ -75,58 +120,91 @@ class Uploader:
                 self.on_event("acked", seq)
         self.acked.set()
 
-    def _rebasable(self, vote):
-        """True for a vote of this boot stored with its uptime instead of a time."""
-        return (self.boot_seq is not None and vote[0] >= self.boot_seq
-                and vote[3] & _UNSYNCED != 0)
+    def begin(self, limit):
+        """Start a payload.  With ``limit`` (and the clock still unknown) ``take`` cuts the
+        batch so that at most one vote of this boot that rebasing could still fix is sent
+        (its ack brings the fleet's time)."""
+        self._wall = self.wall_ms() if self.wall_ms is not None else None
+        self._now = self.uptime_ms() if self.uptime_ms is not None else 0
+        self._limit = limit and self.wall_ms is not None and self.uptime_ms is not None
+        self._cut = False
+        self._rows = 0
+        self._at = put(self._out, 0, _HEAD)
 
-    def limit(self, batch):
-        """``batch`` cut so that, while the clock is unknown, at most one vote of this boot
-        that rebasing could still fix is sent (its ack brings the fleet's time)."""
-        if self.wall_ms is None or self.uptime_ms is None or self.wall_ms() is not None:
-            return batch
-        for i in range(len(batch)):
-            if self._rebasable(batch[i]):
-                return batch[:i] if i else batch[:1]
-        return batch
+    def take(self, seq, ts_ms, button, flags, version):
+        """Append one vote to the payload (``VoteLog.each``'s callback); False: the batch
+        ends before this vote.  This boot's unsynced presses are rebased onto the wall clock
+        if it is known now."""
+        if self._cut:
+            return False
+        if (self.boot_seq is not None and seq >= self.boot_seq
+                and flags & _UNSYNCED != 0 and self.uptime_ms is not None):
+            wall = self._wall
+            if wall is not None:
+                age = self._now - ts_ms
+                if 0 <= age < wall:
+                    ts_ms = wall - age  # flag bit 1 stays: an estimate
+            elif self._limit:
+                if self._rows:
+                    return False  # send what comes before it first
+                self._cut = True  # this one alone
+        b = self._out
+        i = self._at
+        if self._rows:
+            b[i] = 44  # ", " between rows
+            b[i + 1] = 32
+            i += 2
+        b[i] = 91  # "["
+        i = put_int(b, i + 1, seq)
+        # Field by field, not a loop over a tuple: that would allocate one per vote.
+        i = put_field(b, put_field(b, put_field(b, put_field(b, i, ts_ms), button), flags),
+                      version)
+        b[i] = 93  # "]"
+        self._at = i + 1
+        self._rows += 1
+        self._last = seq
+        return True
+
+    def finish(self):
+        """End the payload: ``after`` (every vote the terminal holds in (after, last] is in
+        it, protocol v1) and the closing brace.  Returns a memoryview of the payload."""
+        b = self._out
+        i = put_int(b, put(b, self._at, _TAIL), self.log.acked_seq)
+        b[i] = 125  # "}"
+        return self._out_mv[:i + 1]
 
     def encode(self, batch):
-        """The ``votes`` payload for ``batch`` (protocol v1), this boot's unsynced presses
-        rebased onto the wall clock if it is known now."""
-        rows = [list(v) for v in batch]
-        wall = self.wall_ms() if self.wall_ms is not None else None
-        if wall is not None and self.uptime_ms is not None:
-            up = self.uptime_ms()
-            for row in rows:
-                if self._rebasable(row):
-                    age = up - row[1]
-                    if 0 <= age < wall:
-                        row[1] = wall - age  # flag bit 1 stays: an estimate
-        return json.dumps({"votes": rows, "after": self.log.acked_seq}).encode()
+        """The ``votes`` payload (protocol v1) for ``batch``, a list of vote tuples, as
+        bytes; as ``run`` sends it, but without the clock-unknown cut.  For tests."""
+        self.begin(False)
+        for vote in batch:
+            self.take(*vote)
+        return bytes(self.finish())
 
     async def run(self):
         """Upload forever (until ``stop``)."""
         while not self._stop:
             await self.up.wait()
-            batch = self.limit(self.log.batch(self.batch_max))
-            if not batch:
+            self.begin(True)
+            if not self.log.each(self.batch_max, self._take):
                 self.new_vote.clear()
                 # Re-check after clearing: a vote appended in between must not be missed.
                 if self.log.pending == 0:
                     await self.new_vote.wait()
                 continue
-            last = batch[-1][0]
+            last = self._last
+            payload = self.finish()
             self.acked.clear()
             self._reconnected = False
             try:
-                await self.publish(self.topic, self.encode(batch), 1)
+                await self.publish(self.topic, payload, 1)
             except OSError:
                 # The link went down: pause (see retry_pause_s), then wait for it to come
                 # back and send again.
                 await asyncio.sleep(self.retry_pause_s)
                 continue
             self.sent_batches += 1
-            del batch
+            del payload
             try:
                 await asyncio.wait_for(self._until_acked(last), self.ack_timeout_s)
             except asyncio.TimeoutError:

@@ -129,8 +129,8 @@ Measurements (MicroPython 1.29 unix port, x86-64, ext4)
 ``mpy-cross`` output ``votelog.mpy``: 3.8 KB.  Heap kept by an open log (``gc.mem_alloc``
 delta): 1.5 KB with 10,000 votes held, 3.8 KB with 50,000 (64-bit objects; roughly half on
 the ESP32); opening scans 10,000 votes in ~11 ms.  ``append``: ~17 us on tmp files (the
-device adds the littlefs erase above); ``batch(50)``: ~125 us, ~7 KB of short-lived
-allocations including the returned tuples.
+device adds the littlefs erase above).  ``each`` (what the uploader reads a batch with)
+builds no per-vote objects; ``batch`` returns tuples and is for tests and tools.
 """
 
 import binascii
@@ -239,14 +239,33 @@ class VoteLog:
     def batch(self, max_n=50):
         """The oldest unacknowledged votes, at most ``max_n``, in seq order.
 
-        Each is a tuple ``(seq, ts_ms, button, flags, content_version)``.  Reads only those
-        records (seeking inside the segment) through the instance's one record buffer.
+        Each is a tuple ``(seq, ts_ms, button, flags, content_version)``.  A convenience
+        over ``each`` for tests and tools; the uploader uses ``each``, which builds nothing.
         """
         out = []  # type: list
+
+        def keep(seq, ts_ms, button, flags, version):
+            out.append((seq, ts_ms, button, flags, version))
+            return True
+
+        self.each(max_n, keep)
+        return out
+
+    def each(self, max_n, take):
+        """Call ``take(seq, ts_ms, button, flags, content_version)`` for the oldest
+        unacknowledged votes, at most ``max_n``, in seq order; stop early when ``take``
+        returns False (that vote is not counted).  Returns the number of votes taken.
+
+        Reads only those records (seeking inside the segment) through the instance's one
+        record buffer and builds no tuple or list per vote, so the upload path allocates no
+        per-vote objects (only ``ts_ms`` is a long int on a 32-bit port).
+        """
+        b = self._buf
         want = self.acked_seq + 1
+        taken = 0
         changed = False
         i = 0
-        while i < len(self._firsts) and len(out) < max_n:
+        while i < len(self._firsts) and taken < max_n:
             first = self._firsts[i]
             end = first + self._slots[i]
             seq = first if first > want else want
@@ -254,20 +273,25 @@ class VoteLog:
                 try:
                     with open(self._path(first), "rb") as f:
                         f.seek((seq - first) * RECORD_SIZE)
-                        while seq < end and len(out) < max_n:
-                            if f.readinto(self._buf) != RECORD_SIZE:
+                        while seq < end and taken < max_n:
+                            if f.readinto(b) != RECORD_SIZE:
                                 raise OSError(5)  # shorter than when it was scanned
                             if seq not in self._bad:
-                                vote = self._decode(self._mv, self._payload, seq)
-                                if vote is None:
+                                bits = self._check(b, self._payload, seq)
+                                if not bits:
                                     # Went bad since the scan.  Record it so that
-                                    # ``pending`` stays equal to what batch can return
+                                    # ``pending`` stays equal to what each can return
                                     # (the uploader sleeps only when pending is 0).
                                     self._bad.append(seq)
                                     self.corrupt += 1
                                     changed = True
+                                elif take(seq, b[4] | b[5] << 8 | b[6] << 16 | b[7] << 24
+                                          | b[8] << 32 | b[9] << 40, bits & _BUTTON_MASK,
+                                          bits >> 3, b[11] | b[12] << 8):
+                                    taken += 1
                                 else:
-                                    out.append(vote)
+                                    i = len(self._firsts)  # the taker is full: stop
+                                    break
                             seq += 1
                 except OSError:
                     # File gone or unreadable: treat the rest like a torn tail until the
@@ -277,7 +301,7 @@ class VoteLog:
             i += 1
         if changed:
             self._recount()
-        return out
+        return taken
 
     def ack(self, seq):
         """The fleet stores every vote with seq <= ``seq``: persist that, trim whole files.
@@ -310,14 +334,15 @@ class VoteLog:
                          binascii.crc32(self._payload, _CRC_SEED) & 0xFFFF)
 
     @staticmethod
-    def _decode(mv, payload, seq):
-        """The vote tuple in record ``mv`` (``payload`` = its first 13 bytes) if valid for
-        ``seq``, else None."""
-        got, lo, hi, bits, version, check = struct.unpack_from("<IIHBHH", mv, 0)
-        if (got != seq or not bits & _BUTTON_MASK
-                or check != binascii.crc32(payload, _CRC_SEED) & 0xFFFF):
-            return None
-        return (got, lo | hi << 32, bits & _BUTTON_MASK, bits >> 3, version)
+    def _check(b, payload, seq):
+        """The button-and-flags byte of record ``b`` (``payload`` = its first 13 bytes) if
+        it is a valid record for ``seq``, else 0 (button 0 is never valid).  Reads the
+        bytes one by one: ``struct.unpack`` would build a tuple per record."""
+        bits = b[10]
+        if ((b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24) != seq or not bits & _BUTTON_MASK
+                or (b[13] | b[14] << 8) != binascii.crc32(payload, _CRC_SEED) & 0xFFFF):
+            return 0
+        return bits
 
     def _recount(self):
         """Recompute ``pending``: valid records above the acknowledged watermark."""
@@ -507,13 +532,13 @@ class VoteLog:
                     break  # shorter than stat said: the rest is missing
                 for j in range(k):
                     at = j * RECORD_SIZE
-                    vote = self._decode(chunk[at:at + RECORD_SIZE],
-                                        chunk[at:at + _PAYLOAD], first + i + j)
-                    if vote is None:
+                    bits = self._check(chunk[at:at + RECORD_SIZE],
+                                       chunk[at:at + _PAYLOAD], first + i + j)
+                    if not bits:
                         bad.append(first + i + j)
                     else:
                         last = i + j
-                        if vote[3] & _FILTERED:
+                        if bits >> 3 & _FILTERED:
                             filt += 1
                 i += k
         slots = last + 1

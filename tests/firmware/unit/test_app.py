@@ -221,7 +221,7 @@ class Wire:
         self.sent = []
 
     async def publish(self, topic, payload, qos):
-        self.sent.append(json.loads(payload))
+        self.sent.append(json.loads(bytes(payload)))
 
     async def next(self, n):
         while len(self.sent) < n:

@@ -429,3 +429,23 @@ def test_on_littlefs_one_block_erase_per_vote_and_recovery():
         assert _seqs(log) == list(range(321, 351))
     finally:
         vfs.umount("/vlfs")
+
+
+def test_each_passes_fields_in_order_and_stops_when_the_taker_is_full():
+    log = VoteLog(_support.tempdir(), segment_records=4)
+    log.append(TS, 3, 0b011, 7)
+    log.append((1 << 48) - 1, 5, 31, 0xFFFF)  # the widest values a record holds
+    _fill(log, 6)  # into a second and third segment
+    seen = []
+
+    def take(*vote):
+        seen.append(vote)
+        return len(seen) < 5  # the fifth vote is offered but refused: not taken
+
+    assert log.each(50, take) == 4
+    assert seen[0] == (1, TS, 3, 0b011, 7) and seen[1] == (2, (1 << 48) - 1, 5, 31, 0xFFFF)
+    assert [v[0] for v in seen] == [1, 2, 3, 4, 5]
+    assert log.batch(5) == seen  # batch is each collecting tuples
+    assert log.each(3, lambda *v: True) == 3  # max_n
+    log.ack(7)
+    assert log.each(50, lambda *v: True) == 1 and log.pending == 1
