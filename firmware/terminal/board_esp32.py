@@ -24,7 +24,6 @@ crossing this module's interface is in ms since 1970 (the protocol's ``ts_ms``).
 
 import asyncio
 import gc
-import os
 import time
 from array import array
 
@@ -33,6 +32,7 @@ import micropython
 import network
 import ntptime
 
+from terminal.board import Board
 from terminal.clock import ticks_diff, ticks_ms
 from terminal.screen import render
 
@@ -65,7 +65,7 @@ def hard_reset():
     machine.reset()
 
 
-class Esp32Board:
+class Esp32Board(Board):
     """A terminal's hardware: buttons with LEDs, OLED, Wi-Fi, RTC, battery sense, watchdog."""
 
     debounce_ms = 30
@@ -114,20 +114,8 @@ class Esp32Board:
         """Report an observable change: to ``on_event`` if given, else to the console."""
         if name == "link" and self._status is not None:
             self._status.value(1 if data else 0)  # status LED: lit while the broker link is up
-        if self.on_event:
-            self.on_event(name, data)
-        else:
+        if not super().emit(name, data):
             print("palaute:", name, data)
-
-    # -- storage -------------------------------------------------------------------------------
-    def storage(self, name):
-        """A directory for ``name`` on the flash filesystem (created if missing)."""
-        path = self.root + "/" + name
-        try:
-            os.mkdir(path)
-        except OSError:
-            pass  # exists already
-        return path
 
     # -- clock ---------------------------------------------------------------------------------
     def _rtc_ms(self):

@@ -8,14 +8,14 @@ harness can await it instead of sleeping.
 """
 
 import asyncio
-import os
 import time
 
+from terminal.board import Board
 from terminal.clock import ticks_ms
 from terminal.screen import render
 
 
-class SimBoard:
+class SimBoard(Board):
     """The board interface the terminal app uses, without hardware."""
 
     name = "sim"
@@ -52,21 +52,6 @@ class SimBoard:
         self._held = 0  # bit n-1 set while button n is held down
         self._pressed = asyncio.Event()
         self._writers = []
-
-    def emit(self, name, data=None):
-        """Report an observable change to whoever drives the board."""
-        if self.on_event:
-            self.on_event(name, data)
-
-    # -- storage -------------------------------------------------------------------------
-    def storage(self, name):
-        """A directory for ``name`` on the simulated flash filesystem."""
-        path = self.root + "/" + name
-        try:
-            os.mkdir(path)
-        except OSError:
-            pass  # exists already
-        return path
 
     # -- clock ---------------------------------------------------------------------------
     def time_ms(self):
