@@ -9,7 +9,7 @@ Rebasing presses made before the clock was set
 ----------------------------------------------
 A press made while the wall clock is unknown is stored with flag bit 1 and, as ``ts_ms``, the
 terminal's uptime in ms at the press (``uptime_ms``: ms since this boot's terminal started,
-never wrapping).  Once ``wall_ms()`` returns a time, ``encode`` rewrites such a vote's
+never wrapping).  Once ``wall_ms()`` returns a time, ``take`` rewrites such a vote's
 ``ts_ms`` to ``wall_now - (uptime_now - ts_ms)`` at send time; flag bit 1 stays set, so the
 fleet knows the time is an estimate.  Only votes of *this* boot can be rebased: an uptime
 from an earlier boot means nothing now.  Seqs never repeat, so this boot's votes are exactly
