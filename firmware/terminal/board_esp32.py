@@ -34,6 +34,7 @@ import network
 import ntptime
 
 from terminal.clock import ticks_diff, ticks_ms
+from terminal.config import CredentialsRejected
 from terminal.screen import render
 
 _RING = 32  # presses buffered between the IRQ and the button task (a burst of bounces fits)
@@ -194,6 +195,10 @@ class Esp32Board:
                 wlan.connect(wifi["ssid"], wifi["password"])
             start = ticks_ms()
             while not wlan.isconnected():
+                if wlan.status() == network.STAT_WRONG_PASSWORD:
+                    wlan.disconnect()
+                    raise CredentialsRejected("credentials rejected by %r; re-provision with "
+                                              "the right Wi-Fi password" % wifi["ssid"])
                 if ticks_diff(ticks_ms(), start) > self.wifi_timeout_ms:
                     status = wlan.status()
                     wlan.disconnect()  # stop retrying in the background; the next call restarts
@@ -201,6 +206,11 @@ class Esp32Board:
                                   % (wifi["ssid"], status))
                 await asyncio.sleep_ms(200)
             self._net(True)
+
+    async def join_network(self):
+        """Associate with the configured Wi-Fi once (boot checks the credentials with it);
+        raises CredentialsRejected for a wrong password, OSError for other failures."""
+        await self._ensure_wifi()
 
     async def open_connection(self):
         """Open a TCP stream to the broker; raises OSError while Wi-Fi or the broker is down."""

@@ -39,6 +39,11 @@ class ConfigError(ValueError):
         self.key = key
 
 
+class CredentialsRejected(OSError):
+    """The Wi-Fi access point refused the config's password: retrying cannot help, so boot
+    turns it into safe mode (``wifi: ...``) instead of letting the link retry forever."""
+
+
 def _require(cfg, key, kind, name=None):
     value = cfg.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
