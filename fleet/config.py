@@ -43,6 +43,16 @@ class Settings(BaseSettings):
     # `palaute ingest` serves /metrics and /healthz here (0: off).
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
+    # Device broker accounts (Mosquitto dynamic-security), made by provisioning: the admin
+    # account's URL, ``mqtt://palaute-admin:PW@host:port``.  Empty: provisioning answers 503.
+    broker_admin_url: str = ""
+    # Seconds to wait for the broker to answer one account command.
+    broker_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # The broker address written into a provisioned device's config.json; empty: the host
+    # and port of ``mqtt_url`` (devices often reach the broker by another name than the fleet).
+    device_mqtt_host: str = ""
+    device_mqtt_port: int = Field(default=0, ge=0, le=65535)
+
     influx_url: str = ""
     influx_token: str = ""
     influx_org: str = "palaute"
