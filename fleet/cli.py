@@ -291,9 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_firmware_parser(sub)
     add_report_parser(sub)
 
-    for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
-                       ("provision", "provision a terminal over serial")):
+    for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),):
         sub.add_parser(name, help=text).set_defaults(func=cmd_not_yet)
+
+    from installer.provision import add_provision_parser
+
+    add_provision_parser(sub)
     return parser
 
 

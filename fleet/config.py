@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 
+    # `palaute provision`, on the installer's laptop: the fleet API and an installer's token.
+    fleet_url: str = "http://127.0.0.1:8000"
+    installer_token: str = ""
+
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:
         # A production fleet signing tokens with a published default secret is open to anyone.
