@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_firmware_parser(sub)
     add_report_parser(sub)
 
-    for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),):
-        sub.add_parser(name, help=text).set_defaults(func=cmd_not_yet)
+    from installer.flash import add_flash_parser
+
+    add_flash_parser(sub)
 
     from installer.provision import add_provision_parser
 
