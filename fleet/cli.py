@@ -208,13 +208,6 @@ def cmd_create_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    """Commands whose implementation is tracked in a later issue."""
-    print(f"palaute {args.command}: not available in this version yet "
-          "(see docs/installer.md for the plan)", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="palaute", description=__doc__)
@@ -290,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_hardware_parser(sub)
     add_firmware_parser(sub)
     add_report_parser(sub)
+
+    from fleet.broker.cli import add_broker_parser
+
+    add_broker_parser(sub)
 
     from installer.flash import add_flash_parser
 

@@ -141,6 +141,9 @@ def write_broker_config(directory: Path, *, listen: str = "0.0.0.0:1883",
     Overwriting ``dynamic-security.json`` would delete every device account, hence the guard.
     """
     host, port = parse_listen(listen)
+    if plugin is not None and not Path(plugin).is_file():
+        raise BrokerConfigError(f"--plugin {plugin}: no such file; give the path of "
+                                "mosquitto_dynamic_security.so")
     plugin = plugin or find_plugin()
     if plugin is None:
         raise BrokerConfigError(

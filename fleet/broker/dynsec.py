@@ -147,20 +147,20 @@ class DynsecAccounts:
                     f"the broker at {self.where} does not let {self.target.username!r} read "
                     f"{RESPONSE_TOPIC}; it is not the dynamic-security admin account")
             client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
-            self._pump(client, deadline, lambda: wanted <= got.keys(),
-                       "the account commands (is its dynamic-security plugin loaded?)")
+            self._pump(client, deadline, lambda: wanted <= got.keys(), "the account commands",
+                       hint="; is its dynamic-security plugin loaded?")
         finally:
             client.disconnect()
         return [got[c["correlationData"]] for c in commands]
 
     def _pump(self, client: mqtt.Client, deadline: float, done: Callable[[], bool],
-              what: str) -> None:
+              what: str, hint: str = "") -> None:
         """Run the client's network loop until ``done()`` or the deadline."""
         while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerUnavailable(f"broker at {self.where} did not answer {what} "
-                                        f"within {self.timeout:g}s")
+                                        f"within {self.timeout:g}s{hint}")
             rc = client.loop(timeout=min(remaining, 0.5))
             if rc != mqtt.MQTT_ERR_SUCCESS and not done():
                 raise BrokerUnavailable(f"broker at {self.where} closed the connection while "
