@@ -149,11 +149,19 @@ def esptool_output(stream: TextIO) -> Iterator[EsptoolOutput]:
 
     esptool's logger is process-wide, so one process flashes one board at a time.
     """
+    from esptool.reset import ResetStrategy
+
     output = EsptoolOutput(stream)
     previous = EspLog.instance
+    # esptool's reset code bound its one-time "Chip was NOT reset" warning to the logger of
+    # the moment it was imported; point it at ours too, or it bypasses the swap.
+    reset_warning = ResetStrategy.print_once
+    previous_callback = reset_warning.print_callback
     EspLog.set_logger(output)
+    reset_warning.print_callback = output.warn
     try:
         yield output
     finally:
         output.close()
+        reset_warning.print_callback = previous_callback
         EspLog.instance = previous

@@ -192,6 +192,26 @@ def test_esptool_progress_and_narration_are_routed_then_restored(
         "esptool: error: Error when read chip_info"]
 
 
+def test_esptool_reset_warning_on_a_pty_goes_to_the_debug_log(
+        silent_port: str, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A pty has no RTS/DTR lines: esptool's reset warns once per process, through a callback
+    # it bound at import time; inside esptool_output that warning is ours too.
+    import serial
+    from esptool.reset import ClassicReset, ResetStrategy
+
+    port = serial.Serial(silent_port)
+    ResetStrategy.print_once.already_printed = False
+    try:
+        with caplog.at_level("DEBUG", logger="palaute.flash"), esptool_output(io.StringIO()):
+            ClassicReset(port)()
+    finally:
+        port.close()
+    assert [r.getMessage()[:38] for r in caplog.records] == [
+        "esptool: warning: Chip was NOT reset. "]
+    assert capsys.readouterr() == ("", "")
+
+
 # -- esptool against ports where no bootloader answers --------------------------------------------
 def test_silent_port_no_bootloader_answers(silent_port: str, tmp_path: Path) -> None:
     image = write(tmp_path, "fw.bin", merged_image("esp32"))
