@@ -39,7 +39,7 @@ def parse_line(line: str) -> ConsoleLine:
     if line.startswith(_FATAL):
         return ConsoleLine("fatal", line[len(_FATAL):].strip())
     if line.startswith(_RUNNING):
-        return ConsoleLine("running", line[len(_RUNNING):].strip())
+        return ConsoleLine("running", line[len(PREFIX):].strip())
     if line.startswith(PREFIX):
         return ConsoleLine("info", line[len(PREFIX):].strip())
     return ConsoleLine("other", line)
