@@ -76,13 +76,19 @@ class EsptoolOutput(EspLogBase):
         self._partial = ""
 
     def _debug(self, text: str, end: str = "\n") -> None:
-        # esptool prints "Connecting" and then one dot per attempt with end="": collect
-        # the pieces and log whole lines.
+        # esptool prints "Connecting..." and then one dot per failed sync with end="":
+        # collect the pieces and log whole lines.
         self._partial += text + end
         *lines, self._partial = self._partial.split("\n")
         for line in lines:
             if line.strip():
                 LOG.debug("esptool: %s", line.rstrip())
+
+    def _message(self, kind: str, args: tuple[Any, ...]) -> None:
+        # A note or warning arriving in the middle of a dotted line gets a line of its own.
+        if self._partial:
+            self._debug("")
+        self._debug(f"{kind}: " + self._text(args))
 
     @staticmethod
     def _text(args: tuple[Any, ...], sep: str = " ") -> str:
@@ -94,19 +100,19 @@ class EsptoolOutput(EspLogBase):
 
     def note(self, *args: Any) -> None:
         """esptool's notes (e.g. no USB VID/PID for a pty)."""
-        self._debug("note: " + self._text(args))
+        self._message("note", args)
 
     def hint(self, *args: Any) -> None:
         """esptool's hints; ours are in the error messages."""
-        self._debug("hint: " + self._text(args))
+        self._message("hint", args)
 
     def warn(self, *args: Any, suggestion: str | None = None) -> None:
         """esptool's warnings; the failures that matter reach us as exceptions."""
-        self._debug("warning: " + self._text(args))
+        self._message("warning", args)
 
     def err(self, *args: Any, suggestion: str | None = None) -> None:
         """esptool's error messages; the failure itself is raised as FatalError."""
-        self._debug("error: " + self._text(args))
+        self._message("error", args)
 
     def warning(self, message: str, suggestion: str | None = None) -> None:
         """The older name of :meth:`warn`, still called by parts of esptool."""
