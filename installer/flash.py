@@ -22,6 +22,7 @@ other ``palaute`` commands do not need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -205,6 +206,11 @@ def flash(port: str, image_path: Path | str, *, chip: str = "auto", baud: int = 
             steps.done("written", f"{len(image.data):,} bytes at {target.offset:#x}, "
                                   "MD5 verified by the chip")
             cmds.reset_chip(esp, "hard-reset")
+        except InstallerError:
+            # A check failed and nothing was written: let the board run what it had.
+            with contextlib.suppress(FatalError, serial.SerialException, OSError):
+                cmds.reset_chip(esp, "hard-reset")
+            raise
         except FatalError as exc:
             raise FlashFailed(f"flashing {port} failed: {_first_line(exc)}; press RESET "
                               "and run palaute flash again") from None
