@@ -58,6 +58,7 @@ class Options:
     site_id: int | None = None
     wifi: dict[str, str] | None = None
     online_timeout: float = DEFAULT_ONLINE_TIMEOUT_S
+    repl_lock: bool = False
     handshake_timeout: float = DEFAULT_TIMEOUT_S
     write_pause: float = 0.01
 
@@ -117,6 +118,8 @@ def device_config(fleet_config: dict[str, Any], device_id: str, options: Options
                    "buttons": options.buttons})
     if options.wifi is not None:
         config["wifi"] = dict(options.wifi)
+    if options.repl_lock:
+        config["repl_lock"] = True
     return config
 
 
@@ -289,7 +292,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
         wifi = (None if args.wifi_ssid is None else
                 {"ssid": args.wifi_ssid, "password": args.wifi_password})
         options = Options(fleet=fleet, bundle=bundle, board=board, buttons=buttons,
-                          site_id=args.site, wifi=wifi, online_timeout=args.timeout)
+                          site_id=args.site, wifi=wifi, online_timeout=args.timeout,
+                          repl_lock=args.lock_repl)
         results = provision_many(ports, options, out)
     except InstallerError as exc:
         print(f"palaute provision: {exc}", file=sys.stderr)
@@ -332,6 +336,9 @@ def add_provision_parser(
     parser.add_argument("--timeout", type=float, default=DEFAULT_ONLINE_TIMEOUT_S,
                         metavar="S", help="seconds to wait for the device to come online "
                                           f"(default: {DEFAULT_ONLINE_TIMEOUT_S:g})")
+    parser.add_argument("--lock-repl", action="store_true",
+                        help="the terminal ignores Ctrl-C on its USB console while it runs; "
+                             "test mode (hold buttons 1 and N for 5 s) unlocks it")
     parser.add_argument("--fleet", default=None, metavar="URL",
                         help="fleet API URL (default: PALAUTE_FLEET_URL)")
     parser.add_argument("--token", default=None,

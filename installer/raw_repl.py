@@ -264,7 +264,9 @@ class RawRepl:
         if not data:
             raise NoAnswer(f"nothing answers on {self.port}: check the USB cable (some are "
                            "charge-only) and the baud rate; if the board is held in its "
-                           "bootloader (BOOT button), release it and press RESET")
+                           "bootloader (BOOT button), release it and press RESET; a terminal "
+                           "with a locked REPL answers after test mode (hold buttons 1 and "
+                           "N for 5 s)")
         raise NotMicroPython(f"{self.port} answers, but not like MicroPython (got "
                              f"{_one_line(data)}): flash MicroPython with `palaute flash` "
                              "first")

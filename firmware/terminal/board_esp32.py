@@ -92,6 +92,7 @@ class Esp32Board:
                              % (self.buttons, self.name, len(wired)))
         if "debounce_ms" in self.config:
             self.debounce_ms = self.config["debounce_ms"]
+        self.repl_locked = False
         self._wlan = None
         self._net_up = False
         self._wifi_lock = asyncio.Lock()
@@ -111,8 +112,16 @@ class Esp32Board:
         self._setup_buttons(wired[:self.buttons])
 
     # -- events --------------------------------------------------------------------------------
+    def lock_repl(self):
+        """Ignore Ctrl-C on the USB console (the REPL lock); test mode lifts it (``emit``)."""
+        micropython.kbd_intr(-1)
+        self.repl_locked = True
+
     def emit(self, name, data=None):
         """Report an observable change: to ``on_event`` if given, else to the console."""
+        if name == "test_mode" and data and self.repl_locked:
+            micropython.kbd_intr(3)  # someone at the terminal holds the chord: Ctrl-C again
+            self.repl_locked = False
         if name == "link" and self._status is not None:
             self._status.value(1 if data else 0)  # status LED: lit while the broker link is up
         if self.on_event:

@@ -31,6 +31,7 @@ class SimBoard:
         # to the passwords their access points accept (None: any network joins).
         self.wifi = wifi
         self.networks = networks
+        self.repl_locked = False
         self.broker = (broker_host, broker_port)
         self.buttons = buttons
         self.skew_ms = skew_ms
@@ -58,8 +59,15 @@ class SimBoard:
         self._pressed = asyncio.Event()
         self._writers = []
 
+    def lock_repl(self):
+        """The REPL lock: whoever runs the console (the test board) ignores Ctrl-C while
+        ``repl_locked``; test mode lifts it, as on the ESP32 board."""
+        self.repl_locked = True
+
     def emit(self, name, data=None):
         """Report an observable change to whoever drives the board."""
+        if name == "test_mode" and data:
+            self.repl_locked = False
         if self.on_event:
             self.on_event(name, data)
 

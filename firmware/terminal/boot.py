@@ -20,6 +20,7 @@ docs/installer.md), each starting with ``palaute: ``:
   what to fix;
 - ``palaute: network: REASON (the terminal keeps trying)``: Wi-Fi not joined at boot;
 - ``palaute: running DEVICE_ID (firmware VERSION)``: files valid, the terminal starts;
+- ``palaute: REPL locked: ...``: ``repl_lock`` is on, Ctrl-C is ignored until test mode;
 - ``palaute: fatal: TRACEBACK``: an unexpected crash (``main.py`` resets the chip).
 """
 
@@ -180,6 +181,11 @@ class Boot:
         board, config = await self.setup()
         self.board = board
         self.log("palaute: running %s (firmware %s)" % (config["device_id"], FW_VERSION))
+        if config.get("repl_lock") and hasattr(board, "lock_repl"):
+            # After safe mode, never before: a board that cannot run stays reachable.
+            board.lock_repl()
+            self.log("palaute: REPL locked: Ctrl-C is off until test mode (hold buttons 1 "
+                     "and %d for 5 s)" % config["buttons"])
         helpers = []
         if hasattr(board, "start_watchdog"):
             board.start_watchdog(self.watchdog_ms)

@@ -27,6 +27,8 @@ DEFAULTS = {
     "reconnect_min_ms": 1000,
     "reconnect_max_s": 300,
     "reconnect_stable_s": 60,
+    # Ctrl-C off while the terminal runs; test mode (the button chord) turns it back on.
+    "repl_lock": False,
 }
 _HEX = "0123456789abcdef"
 
@@ -93,6 +95,7 @@ def validate(raw):
     if wifi is not None:
         _require(wifi, "ssid", str, "wifi.ssid")
         _require(wifi, "password", str, "wifi.password")
+    _require(cfg, "repl_lock", bool)
     return cfg
 
 

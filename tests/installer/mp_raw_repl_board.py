@@ -22,7 +22,8 @@ sockets to the broker in config.json, the console lines on the pty.  Ctrl-C stop
 REPL ends the process with exit status ``RESET_EXIT``; the fixture then starts a fresh
 interpreter on the same pty, which is the board coming out of reset.  ``PALAUTE_SIM_NETWORKS``
 (JSON ``{ssid: password}``) lists the Wi-Fi networks the simulated board can join, and
-``PALAUTE_SIM_CONTROL`` (a TCP port on 127.0.0.1) lets a test press buttons and read events.
+``PALAUTE_SIM_CONTROL`` (a TCP port on 127.0.0.1) lets a test press, hold and release buttons
+and read events.
 
 This file is MicroPython code; it is also valid CPython (mypy and ruff check it as such; the
 annotations are parsed and ignored by MicroPython).
@@ -119,12 +120,14 @@ class _Control:
             if not line:
                 return
             command = json.loads(line)
-            if command.get("op") == "press" and self.board is not None:
-                self.board.press(command["button"])  # type: ignore[attr-defined]
+            op = command.get("op")
+            if op in ("press", "hold", "release") and self.board is not None:
+                getattr(self.board, op)(command["button"])
 
 
-async def _until_ctrl_c() -> bool:
-    """Wait for Ctrl-C on the console: True; False when the host closed the pty."""
+async def _until_ctrl_c(control: _Control) -> bool:
+    """Wait for Ctrl-C on the console: True; False when the host closed the pty.  While the
+    board's REPL is locked (``repl_lock``) Ctrl-C is ignored, as ``kbd_intr(-1)`` does."""
     import asyncio
 
     reader = asyncio.StreamReader(_in)  # type: ignore[arg-type]
@@ -132,7 +135,7 @@ async def _until_ctrl_c() -> bool:
         byte = await reader.read(1)
         if not byte:
             return False
-        if byte == b"\x03":
+        if byte == b"\x03" and not getattr(control.board, "repl_locked", False):
             return True
 
 
@@ -179,7 +182,7 @@ def run_firmware() -> bool:
         if port:
             control.tasks.append(asyncio.create_task(control.serve(int(port))))
         control.tasks.append(asyncio.create_task(boot.run()))
-        interrupted = await _until_ctrl_c()
+        interrupted = await _until_ctrl_c(control)
         if boot.terminal is not None:
             boot.terminal.stop()
         return interrupted

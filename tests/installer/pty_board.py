@@ -87,12 +87,16 @@ class BoardControl:
                 return event
         raise TimeoutError(f"no {name!r} event from the board within {timeout}s")
 
-    def press(self, button: int, timeout: float = 30) -> int:
-        """Tap ``button`` on the running firmware's board; return the vote's seq."""
+    def send(self, op: str, button: int, timeout: float = 30) -> None:
+        """Send ``press``, ``hold`` or ``release`` for ``button`` to the running firmware."""
         if not self._connected.wait(timeout):
             raise TimeoutError("the firmware never connected its control channel")
         assert self._conn is not None
-        self._conn.sendall(json.dumps({"op": "press", "button": button}).encode() + b"\n")
+        self._conn.sendall(json.dumps({"op": op, "button": button}).encode() + b"\n")
+
+    def press(self, button: int, timeout: float = 30) -> int:
+        """Tap ``button`` on the running firmware's board; return the vote's seq."""
+        self.send("press", button, timeout)
         return int(self.wait_for("vote", timeout)["data"][0])
 
     def close(self) -> None:

@@ -333,3 +333,29 @@ def test_unplugged_board(pty_board: PtyBoard, bundle: Path,
                                 f"http://127.0.0.1:{free_port()}", "--token", "t",
                                 "--bundle", str(bundle))
     assert_one_line_error(code, err, f"no such port {pty_board.port}")
+
+
+def test_locked_repl_is_unlocked_by_test_mode(
+        stack: Stack, pty_board_factory: Callable[..., PtyBoard],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    board = pty_board_factory(bytes.fromhex("10c4ed000001"), networks=WIFI, control=True)
+    code, out, err = provision(capsys, "--port", board.port, "--lock-repl", *stack_args(stack))
+    assert code == 0, out + err + board.stderr()
+    assert "  console: REPL locked: Ctrl-C is off until test mode (hold buttons 1 and 5" in out
+    assert flash_config(board)["repl_lock"] is True
+
+    # Ctrl-C is ignored now: the installer cannot take the board over...
+    code, out, err = provision(capsys, "--port", board.port, *stack_args(stack))
+    assert_one_line_error(code, err, f"nothing answers on {board.port}",
+                          "a terminal with a locked REPL answers after test mode")
+    # ...until someone at the terminal holds the test-mode chord.
+    assert board.control is not None
+    board.control.send("hold", 1)
+    board.control.send("hold", 5)
+    assert board.control.wait_for("test_mode", timeout=30)["data"] is True
+    board.control.send("release", 1)
+    board.control.send("release", 5)
+    code, out, err = provision(capsys, "--port", board.port, *stack_args(stack))
+    assert code == 0, out + err + board.stderr()
+    assert steps(out)["fleet"] == "already provisioned: identity kept, credential rotated"
+    assert "repl_lock" not in flash_config(board)

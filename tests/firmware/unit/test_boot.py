@@ -48,6 +48,9 @@ class FakeBoard:
     def deinit(self):
         self.deinited = True
 
+    def lock_repl(self):
+        self.locked = True
+
     async def join_network(self):
         if self.join_errors:
             raise self.join_errors.pop(0)
@@ -288,3 +291,28 @@ def test_no_wifi_in_the_config_skips_the_join():
     boot = rig.boot()
     asyncio.run(boot.run())
     assert boot.errors == [] and boot.terminal.ran
+
+
+def test_repl_lock_is_applied_once_the_terminal_can_run():
+    rig = Rig()
+    write(rig.board_path, PINS)
+    config = good_config()
+    config["repl_lock"] = True
+    write(rig.config_path, config)
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert getattr(boot.board, "locked", False)
+    assert rig.logged[-1] == ("palaute: REPL locked: Ctrl-C is off until test mode (hold "
+                              "buttons 1 and 4 for 5 s)")
+
+
+def test_repl_stays_unlocked_without_repl_lock_and_in_safe_mode():
+    rig = Rig()
+    write(rig.board_path, PINS)
+    write(rig.config_path, good_config())
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert not getattr(boot.board, "locked", False)
+    config = good_config()
+    config["repl_lock"] = "yes"
+    assert str(raises(ConfigError, validate, config)) == "repl_lock: missing or not a bool"
