@@ -14,44 +14,26 @@ What Mosquitto 2.0.11 with the dynamic-security plugin really does, asserted her
 from __future__ import annotations
 
 import os
-import queue
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet.broker.accounts import BrokerRefused, BrokerUnavailable, new_password
 from fleet.broker.config_files import hash_password
 from fleet.broker.dynsec import DynsecAccounts
 from fleet.cli import main
 from fleet.mqtt_url import parse_mqtt_url
+from tests.fleet.broker_helpers import WatchedClient, login
 from tests.services.common import free_port
 from tests.services.mosquitto import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORISED, MosquittoBroker
 from tests.services.mosquitto import DynsecMosquittoBroker as Broker
-from tests.services.test_services import SUBACK_FAILURE, Client, take
+from tests.services.test_services import SUBACK_FAILURE, take
 
 pytestmark = pytest.mark.mosquitto
 
 DEV_A, DEV_B = "pt-00000000000a", "pt-00000000000b"
-
-
-class WatchedClient(Client):
-    """A test client that also reports being disconnected."""
-
-    def __init__(self, broker: MosquittoBroker, username: str | None, password: str | None,
-                 **options: Any) -> None:
-        super().__init__(broker, username, password, **options)
-        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
-        self.client.on_disconnect = self._on_disconnect
-
-    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
-                       reason: ReasonCode, _properties: Properties | None) -> None:
-        self.disconnects.put(reason)
 
 
 @pytest.fixture
@@ -61,16 +43,6 @@ def opened() -> Iterator[list[WatchedClient]]:
     yield clients
     for client in clients:
         client.close()
-
-
-def login(opened: list[WatchedClient], broker: MosquittoBroker, username: str,
-          password: str) -> WatchedClient:
-    """A client the broker accepted."""
-    client = WatchedClient(broker, username, password)
-    opened.append(client)
-    _flags, reason = client.connect()
-    assert not reason.is_failure, f"{username} was refused: {reason}"
-    return client
 
 
 def accounts_of(broker: Broker, timeout: float = 5.0) -> DynsecAccounts:
