@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fleet.db.engine import make_engine, make_sessionmaker
 
     settings = _settings()
-    app = create_app(make_sessionmaker(make_engine(settings.db_url)))
+    app = create_app(make_sessionmaker(make_engine(settings.db_url)), settings=settings)
     uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port)
     return 0
 

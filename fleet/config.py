@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.mqtt_url import parse_mqtt_url
 
 # The only secret with a default.  It is fine on a developer's laptop and refused anywhere else.
 DEV_SECRET = "palaute-development-secret-change-me"
@@ -64,6 +66,17 @@ class Settings(BaseSettings):
     # `palaute provision`, on the installer's laptop: the fleet API and an installer's token.
     fleet_url: str = "http://127.0.0.1:8000"
     installer_token: str = ""
+
+    @field_validator("broker_admin_url")
+    @classmethod
+    def _check_broker_admin_url(cls, value: str) -> str:
+        # Refused at start-up rather than at the first provisioning.
+        if value:
+            target = parse_mqtt_url(value)
+            if not target.username or not target.password:
+                raise ValueError("must name the dynamic-security admin and its password: "
+                                 "mqtt://palaute-admin:PASSWORD@host:1883")
+        return value
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:

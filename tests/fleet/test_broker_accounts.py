@@ -13,6 +13,7 @@ What Mosquitto 2.0.11 with the dynamic-security plugin really does, asserted her
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fleet.broker.accounts import BrokerRefused, BrokerUnavailable, new_password
-from fleet.broker.config_files import hash_password
+from fleet.broker.config_files import dynsec_state, hash_password, mosquitto_conf
 from fleet.broker.dynsec import DynsecAccounts
 from fleet.cli import main
 from fleet.mqtt_url import parse_mqtt_url
@@ -106,6 +107,23 @@ def test_broker_config_refuses_to_overwrite(tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert "--force" in err and len(err.splitlines()) == 1
     assert (tmp_path / "dynamic-security.json").read_text() == before
+
+
+def test_shipped_examples_match_what_the_command_writes() -> None:
+    # docs/deploy/ must stay true: same directives, same roles and ACLs, no secrets.
+    deploy = Path(__file__).parents[2] / "docs" / "deploy"
+    example = json.loads((deploy / "dynamic-security.example.json").read_text())
+    state = dynsec_state(admin_password="a", ingest_password="b", topic_root="fb/v1",
+                         shared_group="palaute-ingest")
+    for client in (*example["clients"], *state["clients"]):
+        assert client.pop("password") and client.pop("salt")
+    assert example == state
+
+    def directives(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
+    conf = mosquitto_conf(directory=Path("/var/lib/palaute-broker"), host="0.0.0.0", port=1883,
+                          plugin="/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+    assert directives((deploy / "mosquitto.conf").read_text()) == directives(conf)
 
 
 @pytest.mark.parametrize(("args", "message"), [

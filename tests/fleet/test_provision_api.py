@@ -318,3 +318,13 @@ def test_presence_of_unknown_device_is_404(fleet: Fleet) -> None:
     assert response.status_code == 404
     assert response.json() == {"detail": f"device {DEV_A} is not registered"}
     assert fleet.call("GET", "/devices/nonsense/presence").status_code == 422
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://palaute-admin:pw@broker:1883", "must start with mqtt://"),
+    ("mqtt://broker:1883", "must name the dynamic-security admin and its password"),
+    ("mqtt://palaute-admin@broker:1883", "must name the dynamic-security admin and its password"),
+])
+def test_malformed_broker_admin_url_is_refused_at_start(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(broker_admin_url=url)

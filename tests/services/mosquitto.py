@@ -2,8 +2,13 @@
 
 Each :class:`MosquittoBroker` runs its own ``mosquitto`` on a free 127.0.0.1 port, with every
 file (config, password file, ACL file, persistence database, log) in its own directory.
+:class:`DynsecMosquittoBroker` (fixture ``dynsec_mosquitto``) instead runs the configuration
+``palaute broker-config`` generates, with accounts in the dynamic-security plugin; what that
+plugin does differently (it refuses subscriptions, kicks deleted clients) is listed in
+tests/fleet/test_broker_accounts.py.
 
-Behaviour of Mosquitto 2.0.x worth knowing when writing tests (checked against 2.0.11):
+Behaviour of Mosquitto 2.0.x with password and ACL files worth knowing when writing tests
+(checked against 2.0.11):
 
 * **Subscriptions are not ACL-checked.**  With an ``acl_file``, a device that subscribes to
   ``#`` or to another device's ``fb/v1/d/<other>/#`` gets a *granted* SUBACK (QoS as asked),
