@@ -6,6 +6,7 @@ import queue
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -27,11 +28,12 @@ class WatchedClient(Client):
         self.disconnects.put(reason)
 
 
-def login(opened: list[WatchedClient], broker: MosquittoBroker, username: str,
+def login(request: pytest.FixtureRequest, broker: MosquittoBroker, username: str,
           password: str) -> WatchedClient:
-    """A client the broker accepted."""
+    """A client the broker accepted, closed when the test ends (even if it fails)."""
     client = WatchedClient(broker, username, password)
-    opened.append(client)
+    request.addfinalizer(client.close)
     _flags, reason = client.connect()
     assert not reason.is_failure, f"{username} was refused: {reason}"
     return client
+

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,23 +36,14 @@ pytestmark = pytest.mark.mosquitto
 DEV_A, DEV_B = "pt-00000000000a", "pt-00000000000b"
 
 
-@pytest.fixture
-def opened() -> Iterator[list[WatchedClient]]:
-    """The test's clients, closed even when the test fails."""
-    clients: list[WatchedClient] = []
-    yield clients
-    for client in clients:
-        client.close()
-
-
 def accounts_of(broker: Broker, timeout: float = 5.0) -> DynsecAccounts:
     return DynsecAccounts(broker.admin_url, timeout=timeout)
 
 
-def ingest_login(opened: list[WatchedClient], broker: Broker) -> WatchedClient:
+def ingest_login(request: pytest.FixtureRequest, broker: Broker) -> WatchedClient:
     ingest = parse_mqtt_url(broker.ingest_url)
     assert ingest.username and ingest.password
-    return login(opened, broker, ingest.username, ingest.password)
+    return login(request, broker, ingest.username, ingest.password)
 
 
 # -- palaute broker-config ----------------------------------------------------------------
@@ -143,14 +133,14 @@ def test_broker_config_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_device_uses_its_own_topics_and_no_others(dynsec_mosquitto: Broker,
-                                                  opened: list[WatchedClient]) -> None:
+                                                  request: pytest.FixtureRequest) -> None:
     accounts = accounts_of(dynsec_mosquitto)
     password = new_password()
     assert accounts.set_device(DEV_A, password) is False  # created
     accounts.set_device(DEV_B, new_password())
-    fleet = ingest_login(opened, dynsec_mosquitto)
+    fleet = ingest_login(request, dynsec_mosquitto)
     assert [r.value for r in fleet.subscribe("$share/palaute-ingest/fb/v1/d/+/votes")] == [1]
-    device = login(opened, dynsec_mosquitto, DEV_A, password)
+    device = login(request, dynsec_mosquitto, DEV_A, password)
 
     # Subscriptions outside its subtree are refused outright by the plugin.
     codes = device.subscribe("#", f"fb/v1/d/{DEV_B}/#", "fb/v1/d/+/ack", f"fb/v1/d/{DEV_A}/#")
@@ -170,8 +160,8 @@ def test_device_uses_its_own_topics_and_no_others(dynsec_mosquitto: Broker,
 
 
 def test_ingest_account_may_not_act_as_a_device_or_join_other_groups(
-        dynsec_mosquitto: Broker, opened: list[WatchedClient]) -> None:
-    fleet = ingest_login(opened, dynsec_mosquitto)
+        dynsec_mosquitto: Broker, request: pytest.FixtureRequest) -> None:
+    fleet = ingest_login(request, dynsec_mosquitto)
     codes = fleet.subscribe("$share/palaute-ingest/fb/v1/d/+/status", "fb/v1/d/+/fetch",
                             "$share/other/fb/v1/d/+/votes", "fb/v1/d/+/ack", "#",
                             "$CONTROL/dynamic-security/#")
@@ -179,26 +169,26 @@ def test_ingest_account_may_not_act_as_a_device_or_join_other_groups(
 
 
 def test_rotation_refuses_the_old_password_and_disconnects(
-        dynsec_mosquitto: Broker, opened: list[WatchedClient]) -> None:
+        dynsec_mosquitto: Broker, request: pytest.FixtureRequest) -> None:
     accounts = accounts_of(dynsec_mosquitto)
     old, new = new_password(), new_password()
     accounts.set_device(DEV_A, old)
-    device = login(opened, dynsec_mosquitto, DEV_A, old)
+    device = login(request, dynsec_mosquitto, DEV_A, old)
     assert accounts.set_device(DEV_A, new) is True  # rotated
     take(device.disconnects, "the device to be disconnected by the password change")
     assert dynsec_mosquitto.connack_code(DEV_A, old) == CONNACK_NOT_AUTHORISED
     assert dynsec_mosquitto.connack_code(DEV_A, new) == CONNACK_ACCEPTED
     # Still confined to its own topics after the rotation.
-    again = login(opened, dynsec_mosquitto, DEV_A, new)
+    again = login(request, dynsec_mosquitto, DEV_A, new)
     assert [r.value for r in again.subscribe("#", f"fb/v1/d/{DEV_A}/#")] == [SUBACK_FAILURE, 1]
 
 
 def test_removal_disconnects_and_locks_out(dynsec_mosquitto: Broker,
-                                           opened: list[WatchedClient]) -> None:
+                                           request: pytest.FixtureRequest) -> None:
     accounts = accounts_of(dynsec_mosquitto)
     password = new_password()
     accounts.set_device(DEV_A, password)
-    device = login(opened, dynsec_mosquitto, DEV_A, password)
+    device = login(request, dynsec_mosquitto, DEV_A, password)
     assert accounts.remove_device(DEV_A) is True
     take(device.disconnects, "the device to be disconnected by the account's removal")
     assert dynsec_mosquitto.connack_code(DEV_A, password) == CONNACK_NOT_AUTHORISED

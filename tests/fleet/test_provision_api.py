@@ -4,7 +4,6 @@ real Mosquitto configured by ``palaute broker-config``, on SQLite and PostgreSQL
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from fleet.db.models import Assignment, AuditEntry, Device, DeviceState, Role
 from fleet.db.models import Vote as VoteRow
 from fleet.services.clock import now_ms
 from tests.fleet.auth_helpers import make_user
-from tests.fleet.broker_helpers import WatchedClient, login
+from tests.fleet.broker_helpers import login
 from tests.services.common import free_port, wait_until
 from tests.services.ingest import IngestProcess
 from tests.services.mosquitto import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORISED
@@ -95,14 +94,6 @@ def fleet(db_url: str, dynsec_mosquitto: Broker) -> Fleet:
     return Fleet(db_url, fleet_settings(dynsec_mosquitto))
 
 
-@pytest.fixture
-def opened() -> Iterator[list[WatchedClient]]:
-    clients: list[WatchedClient] = []
-    yield clients
-    for client in clients:
-        client.close()
-
-
 def credentials(body: dict[str, Any]) -> tuple[str, str]:
     mqtt = body["config"]["mqtt"]
     return mqtt["user"], mqtt["password"]
@@ -113,7 +104,7 @@ def credentials(body: dict[str, Any]) -> tuple[str, str]:
 
 def test_provisioned_device_votes_are_stored_by_ingest(
         fleet: Fleet, dynsec_mosquitto: Broker, db_url: str, tmp_path: Path,
-        opened: list[WatchedClient]) -> None:
+        request: pytest.FixtureRequest) -> None:
     worker = IngestProcess(db_url=db_url, mqtt_url=dynsec_mosquitto.ingest_url,
                            workdir=tmp_path, worker_id="provision-ingest")
     worker.start_subscribed(dynsec_mosquitto)
@@ -129,7 +120,7 @@ def test_provisioned_device_votes_are_stored_by_ingest(
         assert device is not None and device.state is DeviceState.stocked
         assert device.board == "esp32-devkitc"
 
-        terminal = login(opened, dynsec_mosquitto, *credentials(body))
+        terminal = login(request, dynsec_mosquitto, *credentials(body))
         now = now_ms()
         # A forged vote for B first, then A's own on the same connection: once A's is
         # stored, B's would have been too had the broker delivered it.
@@ -189,9 +180,9 @@ def test_site_is_assigned_once(fleet: Fleet) -> None:
 
 
 def test_retiring_disconnects_the_device_for_good(fleet: Fleet, dynsec_mosquitto: Broker,
-                                                   opened: list[WatchedClient]) -> None:
+                                                   request: pytest.FixtureRequest) -> None:
     user, password = credentials(fleet.provision(DEV_A))
-    terminal = login(opened, dynsec_mosquitto, user, password)
+    terminal = login(request, dynsec_mosquitto, user, password)
     response = fleet.call("POST", f"/devices/{DEV_A}/retire", fleet.ops)
     assert response.status_code == 200, response.text
     take(terminal.disconnects, "the retired device to be disconnected")

@@ -40,7 +40,7 @@ import subprocess
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -389,24 +389,26 @@ def _recv_exactly(sock: socket.socket, count: int) -> bytes:
     return data
 
 
-@pytest.fixture
-def dynsec_mosquitto(tmp_path_factory: pytest.TempPathFactory
-                     ) -> Iterator[DynsecMosquittoBroker]:
-    """A started broker configured by ``palaute broker-config`` (dynamic-security accounts)."""
-    broker = DynsecMosquittoBroker(tmp_path_factory.mktemp("mosquitto-dynsec"))
+Broker = TypeVar("Broker", bound=MosquittoBroker)
+
+
+def _running(broker: Broker) -> Iterator[Broker]:
+    """Start ``broker`` for one test and stop it cleanly afterwards."""
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def dynsec_mosquitto(tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[DynsecMosquittoBroker]:
+    """A started broker configured by ``palaute broker-config`` (dynamic-security accounts)."""
+    yield from _running(DynsecMosquittoBroker(tmp_path_factory.mktemp("mosquitto-dynsec")))
 
 
 @pytest.fixture
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """A started broker with admin ``palaute-admin`` (``admin_user`` / ``admin_password``)."""
-    broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    yield from _running(MosquittoBroker(tmp_path_factory.mktemp("mosquitto")))
