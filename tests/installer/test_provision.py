@@ -359,3 +359,23 @@ def test_locked_repl_is_unlocked_by_test_mode(
     assert code == 0, out + err + board.stderr()
     assert steps(out)["fleet"] == "already provisioned: identity kept, credential rotated"
     assert "repl_lock" not in flash_config(board)
+
+
+def test_stopped_broker_is_reported_by_the_fleet(
+        stack: Stack, pty_board: PtyBoard, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A fleet whose broker is down cannot make the device's account: nothing is copied.
+    broker = DynsecMosquittoBroker(tmp_path / "stopped-broker")
+    broker.start()
+    broker.stop()
+    settings = stack.settings.model_copy(update={"broker_admin_url": broker.admin_url,
+                                                 "broker_timeout_s": 2.0})
+    api = FleetApi(stack.sessions, settings)
+    try:
+        code, _out, err = provision(capsys, "--port", pty_board.port,
+                                    *stack_args(stack, fleet=api.url))
+    finally:
+        api.stop()
+    assert_one_line_error(code, err, "the fleet could not make the device's broker account",
+                          "check that the broker runs")
+    assert not (pty_board.flash_dir / "config.json").exists()
