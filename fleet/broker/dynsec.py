@@ -31,6 +31,7 @@ Command = dict[str, Any]
 # Error texts of the plugin (mosquitto 2.0.11) that mean "already as wanted".
 _EXISTS = "already exists"
 _NOT_FOUND = "not found"
+_LOGIN = "the admin login"
 
 
 class DynsecAccounts:
@@ -104,6 +105,8 @@ class DynsecAccounts:
                              client_id=f"palaute-dynsec-{secrets.token_hex(4)}",
                              protocol=mqtt.MQTTv311)
         client.username_pw_set(self.target.username, self.target.password)
+        # Bounds the TCP connect too (a host that drops packets would otherwise hang it).
+        client.connect_timeout = self.timeout
 
         def on_connect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             state["connack"] = reason
@@ -133,7 +136,7 @@ class DynsecAccounts:
             raise BrokerUnavailable(
                 f"broker at {self.where} unreachable ({exc.strerror or exc})") from None
         try:
-            self._pump(client, deadline, lambda: "connack" in state, "the admin login")
+            self._pump(client, deadline, lambda: "connack" in state, _LOGIN)
             if state["connack"].is_failure:
                 raise BrokerRefused(
                     f"the broker at {self.where} refused the admin login of "
@@ -163,5 +166,9 @@ class DynsecAccounts:
                                         f"within {self.timeout:g}s{hint}")
             rc = client.loop(timeout=min(remaining, 0.5))
             if rc != mqtt.MQTT_ERR_SUCCESS and not done():
+                reason = mqtt.error_string(rc)
+                if not client.is_connected() and what == _LOGIN:
+                    # Lost before any answer: the TCP connection itself failed.
+                    raise BrokerUnavailable(f"broker at {self.where} unreachable ({reason})")
                 raise BrokerUnavailable(f"broker at {self.where} closed the connection while "
-                                        f"waiting for {what} ({mqtt.error_string(rc)})")
+                                        f"waiting for {what} ({reason})")

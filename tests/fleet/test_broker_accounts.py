@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,18 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     with pytest.raises(BrokerUnavailable, match=r"broker at 127\.0\.0\.1:\d+ unreachable "
                                                 r"\(Connection refused\)"):
         accounts.set_device(DEV_A, "pw")
+
+
+def test_silent_peer_times_out_clearly() -> None:
+    # Something listens on the port but never speaks MQTT (a hung broker, a wrong service).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        accounts = DynsecAccounts(f"mqtt://palaute-admin:x@127.0.0.1:{port}", timeout=1)
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=rf"broker at 127\.0\.0\.1:{port} did not "
+                                                    r"answer the admin login within 1s"):
+            accounts.set_device(DEV_A, "pw")
+        assert time.monotonic() - started < 5
 
 
 def test_wrong_admin_password_is_a_clear_error(dynsec_mosquitto: Broker) -> None:
