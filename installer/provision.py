@@ -136,9 +136,22 @@ def wait_online(repl: RawRepl, options: Options, device_id: str, host: str,
                 before: Presence | None, show: Callable[[str], None]) -> Presence:
     """Poll presence until online; read the console between polls and fail on safe mode."""
     console = ConsoleReader()
+    console_open = True
     deadline = time.monotonic() + options.online_timeout
     while True:
-        for line in console.feed(repl.read_console(POLL_S)):
+        if console_open:
+            try:
+                data = repl.read_console(POLL_S)
+            except InstallerError:
+                # A chip with native USB (ESP32-S3 on its USB port) drops off the bus when it
+                # resets; the fleet's presence still tells when it is online.
+                console_open = False
+                show("  console: the port went away with the reset; waiting on the fleet only")
+                data = b""
+        else:
+            time.sleep(POLL_S)  # the interval between presence requests
+            data = b""
+        for line in console.feed(data):
             if line.kind == "safe_mode":
                 raise InstallerError(f"device {device_id} is in safe mode: {line.text}")
             if line.kind == "fatal":

@@ -127,6 +127,9 @@ class PtyBoard:
     _stderr: Path
     process: subprocess.Popen[bytes] | None = None
     control: BoardControl | None = None
+    native_usb: bool = False
+    """Like an ESP32-S3 on its USB port: a reset takes the serial device away (the host's
+    open port fails) and the board comes back on a new one (``port`` changes)."""
     resets: int = 0
     _closed: bool = field(default=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -153,6 +156,10 @@ class PtyBoard:
         with self._lock:
             if self._closed or code != RESET_EXIT:
                 return
+            if self.native_usb:
+                os.close(self._master)
+                os.close(self._slave)
+                self._master, self._slave, self.port = _open_raw_pty()
             self._spawn()
         with self._reset_seen:
             self.resets += 1
@@ -185,13 +192,14 @@ class PtyBoard:
 
 
 def start_board(flash_dir: Path, unique_id: bytes, log_dir: Path, *,
-                networks: dict[str, str] | None = None,
-                control: bool = False) -> PtyBoard:
+                networks: dict[str, str] | None = None, control: bool = False,
+                native_usb: bool = False) -> PtyBoard:
     """Start a board whose flash is ``flash_dir`` and whose ``machine.unique_id()`` would be
     ``unique_id`` (given to the emulator in its environment).
 
     ``networks`` (SSID -> password) are the Wi-Fi networks its firmware can join (default:
-    any); ``control`` opens a :class:`BoardControl` to press its buttons.
+    any); ``control`` opens a :class:`BoardControl` to press its buttons; ``native_usb``: see
+    :attr:`PtyBoard.native_usb`.
     """
     flash_dir.mkdir(parents=True, exist_ok=True)
     master, slave, path = _open_raw_pty()
@@ -200,7 +208,7 @@ def start_board(flash_dir: Path, unique_id: bytes, log_dir: Path, *,
     if networks is not None:
         env["PALAUTE_SIM_NETWORKS"] = json.dumps(networks)
     board = PtyBoard(port=path, flash_dir=flash_dir, unique_id=unique_id, env=env,
-                     _master=master, _slave=slave,
+                     _master=master, _slave=slave, native_usb=native_usb,
                      _stderr=log_dir / f"board-{unique_id.hex()}.stderr")
     if control:
         board.control = BoardControl()

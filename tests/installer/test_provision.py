@@ -379,3 +379,15 @@ def test_stopped_broker_is_reported_by_the_fleet(
     assert_one_line_error(code, err, "the fleet could not make the device's broker account",
                           "check that the broker runs")
     assert not (pty_board.flash_dir / "config.json").exists()
+
+
+def test_board_whose_port_goes_away_on_reset_is_still_seen_online(
+        stack: Stack, pty_board_factory: Callable[..., PtyBoard],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    board = pty_board_factory(bytes.fromhex("5e0000000001"), networks=WIFI, native_usb=True)
+    port = board.port
+    code, out, err = provision(capsys, "--port", port, *stack_args(stack))
+    assert code == 0, out + err + board.stderr()
+    assert "  console: the port went away with the reset; waiting on the fleet only" in out
+    assert steps(out)["wait online"].startswith("online")
+    assert board.resets == 1
