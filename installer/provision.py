@@ -164,6 +164,8 @@ def wait_online(repl: RawRepl, options: Options, device_id: str, host: str,
             return presence
         if time.monotonic() >= deadline:
             last = f"; its console said last: {console.lines[-1]!r}" if console.lines else ""
+            if not console_open:
+                last += "; its console could not be read: its display shows any setup problem"
             raise InstallerError(
                 f"device {device_id} did not come online within {options.online_timeout:g} s: "
                 f"check that the broker at {host} is running and reachable from the "
