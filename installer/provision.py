@@ -304,6 +304,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
             raise InstallerError(f"the bundle in {bundle} is for {board}, not {args.board}: "
                                  "build one for the board with `palaute firmware build`")
         buttons = args.buttons if args.buttons is not None else min(wired, 5)
+        if not 2 <= buttons <= min(wired, 5):
+            raise InstallerError(f"--buttons must be 2..{min(wired, 5)} for {board}")
+        if not args.timeout > 0:
+            raise InstallerError("--timeout must be a positive number of seconds")
         wifi = (None if args.wifi_ssid is None else
                 {"ssid": args.wifi_ssid, "password": args.wifi_password})
         options = Options(fleet=fleet, bundle=bundle, board=board, buttons=buttons,

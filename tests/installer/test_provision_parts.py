@@ -3,6 +3,7 @@ config merging, argument errors, and the bundle holding no secret."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from installer.console import ConsoleReader, parse_line
 from installer.fleet_client import FleetClient, FleetError, TokenRejected
 from installer.provision import Options, Result, device_config, expand_ports, summary_table
 from installer.raw_repl import InstallerError
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    build_bundle(out)
+    return out
 
 
 def test_console_lines_are_classified() -> None:
@@ -91,12 +99,17 @@ def test_fleet_client_never_shows_the_token() -> None:
     (["--wifi-ssid", "Lab"], "give --wifi-ssid and --wifi-password together"),
     (["--token", ""], "no installer token"),
     (["--bundle", "/nonexistent"], "/nonexistent is not a firmware bundle"),
+    (["--buttons", "6"], "--buttons must be 2..5 for esp32-devkitc"),
+    (["--buttons", "1"], "--buttons must be 2..5 for esp32-devkitc"),
+    (["--board", "esp32-s3-devkitc-1"], "is for esp32-devkitc, not esp32-s3-devkitc-1"),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds"),
 ])
-def test_argument_errors_are_one_line(args: list[str], message: str, monkeypatch:
-                                      pytest.MonkeyPatch,
+def test_argument_errors_are_one_line(args: list[str], message: str, bundle: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("PALAUTE_INSTALLER_TOKEN", raising=False)
-    base = {"--port": "/dev/ttyUSB0", "--fleet": "http://127.0.0.1:9", "--token": "t"}
+    base = {"--port": "/dev/ttyUSB0", "--fleet": "http://127.0.0.1:9", "--token": "t",
+            "--bundle": str(bundle)}
     for key, value in zip(args[::2], args[1::2], strict=True):
         base[key] = value
     argv = [item for pair in base.items() for item in pair]
@@ -113,11 +126,11 @@ SECRET_PATTERNS = [
 ]
 
 
-def test_the_firmware_bundle_holds_no_secret(tmp_path: Path) -> None:
-    manifest = build_bundle(tmp_path / "bundle")
-    files = sorted(p for p in (tmp_path / "bundle").rglob("*") if p.is_file())
-    names = {p.relative_to(tmp_path / "bundle").as_posix() for p in files}
-    assert names == {*manifest.files, "manifest.json"}
+def test_the_firmware_bundle_holds_no_secret(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    files = sorted(p for p in bundle.rglob("*") if p.is_file())
+    names = {p.relative_to(bundle).as_posix() for p in files}
+    assert names == {*manifest["files"], "manifest.json"}
     assert not {"config.json", ".env", "palaute-broker.env"} & {Path(n).name for n in names}
     for path in files:
         data = path.read_bytes()
