@@ -56,9 +56,12 @@ class DynsecAccounts:
     def set_device(self, device_id: str, password: str) -> bool:
         """Create the device's client and role, or set a new password (True if it existed)."""
         role = device_role(device_id)
-        _role, created_client = self.execute([
-            {"command": "createRole", "rolename": role,
-             "acls": device_acls(device_id, self.topic_root)},
+        acls = device_acls(device_id, self.topic_root)
+        # modifyRole replaces the ACLs of a role that already existed (made with another
+        # topic root, or edited by hand), so the account always ends up exactly as intended.
+        *_role, created_client = self.execute([
+            {"command": "createRole", "rolename": role, "acls": acls},
+            {"command": "modifyRole", "rolename": role, "acls": acls},
             {"command": "createClient", "username": device_id, "password": password,
              "roles": [{"rolename": role}]},
         ], tolerate=(_EXISTS,))

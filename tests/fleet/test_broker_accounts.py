@@ -185,6 +185,17 @@ def test_rotation_refuses_the_old_password_and_disconnects(
     assert [r.value for r in again.subscribe("#", f"fb/v1/d/{DEV_A}/#")] == [SUBACK_FAILURE, 1]
 
 
+def test_reprovisioning_rewrites_the_role(dynsec_mosquitto: Broker,
+                                         request: pytest.FixtureRequest) -> None:
+    # An account made under another topic root is put right by the next set_device.
+    password = new_password()
+    DynsecAccounts(dynsec_mosquitto.admin_url, topic_root="old/v0").set_device(DEV_A, password)
+    accounts_of(dynsec_mosquitto).set_device(DEV_A, password)
+    device = login(request, dynsec_mosquitto, DEV_A, password)
+    codes = device.subscribe(f"old/v0/d/{DEV_A}/#", f"fb/v1/d/{DEV_A}/#")
+    assert [r.value for r in codes] == [SUBACK_FAILURE, 1]
+
+
 def test_removal_disconnects_and_locks_out(dynsec_mosquitto: Broker,
                                            request: pytest.FixtureRequest) -> None:
     accounts = accounts_of(dynsec_mosquitto)
