@@ -78,15 +78,18 @@ class Result:
 class Printer:
     """Writes whole lines from many threads without interleaving them."""
 
-    def __init__(self, out: TextIO, prefix_ports: bool) -> None:
+    def __init__(self, out: TextIO, err: TextIO, prefix_ports: bool) -> None:
         self.out = out
+        self.err = err
         self.prefix_ports = prefix_ports
         self._lock = threading.Lock()
 
-    def line(self, port: str, text: str) -> None:
-        """Print ``text`` for ``port`` (prefixed with the port in parallel runs)."""
+    def line(self, port: str, text: str, *, error: bool = False) -> None:
+        """Print ``text`` for ``port`` (prefixed with the port in parallel runs); errors go
+        to ``err``."""
         with self._lock:
-            print(f"{port}: {text}" if self.prefix_ports else text, file=self.out, flush=True)
+            print(f"{port}: {text}" if self.prefix_ports else text,
+                  file=self.err if error else self.out, flush=True)
 
 
 class _Step:
@@ -218,14 +221,16 @@ def provision_board(port: str, options: Options, printer: Printer) -> Result:
         result.message = "online"
     except InstallerError as exc:
         result.message = str(exc)
-        show(f"error: {exc}")
+        if printer.prefix_ports:  # a single board's error is the command's own error line
+            printer.line(port, f"error: {exc}", error=True)
     result.seconds = time.monotonic() - start
     return result
 
 
-def provision_many(ports: Sequence[str], options: Options, out: TextIO) -> list[Result]:
+def provision_many(ports: Sequence[str], options: Options, out: TextIO,
+                   err: TextIO) -> list[Result]:
     """Provision ``ports`` in parallel (one thread each); results in ``ports`` order."""
-    printer = Printer(out, prefix_ports=len(ports) > 1)
+    printer = Printer(out, err, prefix_ports=len(ports) > 1)
     if len(ports) == 1:
         return [provision_board(ports[0], options, printer)]
     with ThreadPoolExecutor(max_workers=len(ports)) as pool:
@@ -313,7 +318,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         options = Options(fleet=fleet, bundle=bundle, board=board, buttons=buttons,
                           site_id=args.site, wifi=wifi, online_timeout=args.timeout,
                           repl_lock=args.lock_repl)
-        results = provision_many(ports, options, out)
+        results = provision_many(ports, options, out, sys.stderr)
     except InstallerError as exc:
         print(f"palaute provision: {exc}", file=sys.stderr)
         return 2

@@ -391,3 +391,18 @@ def test_board_whose_port_goes_away_on_reset_is_still_seen_online(
     assert "  console: the port went away with the reset; waiting on the fleet only" in out
     assert steps(out)["wait online"].startswith("online")
     assert board.resets == 1
+
+
+def test_parallel_run_with_a_failing_port_exits_non_zero(
+        stack: Stack, pty_board_factory: Callable[..., PtyBoard], garbage_port: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    board = pty_board_factory(bytes.fromhex("b1000000000a"), networks=WIFI)
+    code, out, err = provision(capsys, "--ports", f"{board.port},{garbage_port}",
+                               *stack_args(stack))
+    assert code == 2
+    assert err.splitlines() == [line for line in err.splitlines()
+                                if line.startswith(f"{garbage_port}: error: ")]
+    assert len(err.splitlines()) == 1 and "not like MicroPython" in err
+    rows = [line.split()[:3] for line in out.splitlines()[-3:-1]]
+    assert rows == [[board.port, "pt-b1000000000a", "ok"], [garbage_port, "-", "FAILED"]]
+    assert out.splitlines()[-1] == "1 of 2 boards online, 1 failed"
