@@ -107,6 +107,9 @@ def mosquitto_conf(*, directory: Path, host: str, port: int, plugin: str,
         "per_listener_settings false",
         "allow_anonymous false",
         f"listener {port} {host}",
+        # Small MQTT packets: without it, Nagle's algorithm and delayed ACKs add ~40 ms to a
+        # request/response such as an account command or a vote and its ack.
+        "set_tcp_nodelay true",
         "persistence true",
         # mosquitto requires the trailing slash on a directory.
         f"persistence_location {directory}/",

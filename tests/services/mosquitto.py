@@ -285,7 +285,7 @@ class DynsecMosquittoBroker(MosquittoBroker):
 
     The generated directory (:attr:`generated_dir`) is used as written; the broker's
     ``-c`` file only adds what the tests need (a log file with subscriptions and connections,
-    no Nagle delay, ``user root`` when run as root) and then ``include_dir``s it.  Accounts
+    ``user root`` when run as root) and then ``include_dir``s it.  Accounts
     live in the dynamic-security plugin: :attr:`admin_url` is the fleet's account admin
     (``palaute-admin``) and :attr:`ingest_url` the ingest workers' login, both as the
     generated ``palaute-broker.env`` gives them.  Fails (never skips) if the plugin is missing.
@@ -318,7 +318,6 @@ class DynsecMosquittoBroker(MosquittoBroker):
             "log_type unsubscribe",
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "set_tcp_nodelay true",
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # see MosquittoBroker._write_config
