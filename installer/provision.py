@@ -154,11 +154,17 @@ def wait_online(repl: RawRepl, options: Options, device_id: str, host: str,
         else:
             time.sleep(POLL_S)  # the interval between presence requests
             data = b""
-        for line in console.feed(data):
+        lines = console.feed(data)
+        for index, line in enumerate(lines):
             if line.kind == "safe_mode":
                 raise InstallerError(f"device {device_id} is in safe mode: {line.text}")
             if line.kind == "fatal":
-                raise InstallerError(f"device {device_id} crashed at boot: {line.text}; "
+                # The traceback follows on further lines; its last line names the error.
+                rest = lines[index + 1:]
+                if console_open:
+                    rest += console.feed(repl.read_console(POLL_S))
+                reason = rest[-1].text if rest else line.text
+                raise InstallerError(f"device {device_id} crashed at boot: {reason}; "
                                      "re-run the provisioning, and report it if it persists")
             if line.kind in ("info", "running"):
                 show(f"  console: {line.text}")
@@ -195,8 +201,10 @@ def provision_board(port: str, options: Options, printer: Printer) -> Result:
             with _step(printer, result, "fleet") as step:
                 provisioned = options.fleet.provision(result.device_id, options.board,
                                                       options.site_id)
-                step.outcome = ("new device" if provisioned.created else
-                                "already provisioned: identity kept, credential rotated")
+                step.outcome = (
+                    "new device" if provisioned.created else
+                    "already provisioned: identity kept, credential rotated"
+                    if provisioned.rotated else "registered before: credential created")
                 before = None if provisioned.created else options.fleet.presence(
                     result.device_id)
             with _step(printer, result, "copy bundle") as step:

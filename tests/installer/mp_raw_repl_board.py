@@ -181,7 +181,17 @@ def run_firmware() -> bool:
         port = os.getenv("PALAUTE_SIM_CONTROL")
         if port:
             control.tasks.append(asyncio.create_task(control.serve(int(port))))
-        control.tasks.append(asyncio.create_task(boot.run()))
+        async def main_py() -> None:
+            # What the bundle's main.py does with an unexpected error (it then resets the chip
+            # after 10 s; this board waits for Ctrl-C instead).
+            try:
+                await boot.run()
+            except Exception as exc:
+                from terminal.boot import log_crash
+
+                log_crash(exc, path="crash.log")
+
+        control.tasks.append(asyncio.create_task(main_py()))
         interrupted = await _until_ctrl_c(control)
         if boot.terminal is not None:
             boot.terminal.stop()

@@ -10,6 +10,7 @@ fleet made for it, comes online, and its votes are stored.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from fleet.config import DEV_SECRET, Settings
 from fleet.db.engine import make_engine, make_sessionmaker
 from fleet.db.migrate import upgrade
 from fleet.db.models import Role, Vote
-from fleet.firmware_bundle import build_bundle
+from fleet.firmware_bundle import FIRMWARE_DIR, build_bundle
 from fleet.services import registry
 from tests.fleet.auth_helpers import make_user
 from tests.services.common import free_port, wait_until
@@ -406,3 +407,24 @@ def test_parallel_run_with_a_failing_port_exits_non_zero(
     rows = [line.split()[:3] for line in out.splitlines()[-3:-1]]
     assert rows == [[board.port, "pt-b1000000000a", "ok"], [garbage_port, "-", "FAILED"]]
     assert out.splitlines()[-1] == "1 of 2 boards online, 1 failed"
+
+
+def test_firmware_crash_at_boot_is_reported_with_its_error(
+        stack: Stack, pty_board_factory: Callable[..., PtyBoard], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A bundle whose terminal raises as it starts: the console's traceback gives the reason.
+    firmware = tmp_path / "firmware"
+    shutil.copytree(FIRMWARE_DIR, firmware)
+    with (firmware / "terminal" / "app.py").open("a") as app:
+        app.write("\n\nasync def _broken_run(self):\n"
+                  "    raise RuntimeError('simulated firmware bug')\n\n\n"
+                  "Terminal.run = _broken_run\n")
+    broken = tmp_path / "broken-bundle"
+    build_bundle(broken, firmware_dir=firmware)
+    board = pty_board_factory(bytes.fromhex("c4a500000001"), networks=WIFI)
+    args = stack_args(stack)
+    args[args.index("--bundle") + 1] = str(broken)
+    code, _out, err = provision(capsys, "--port", board.port, *args)
+    assert_one_line_error(code, err, "device pt-c4a500000001 crashed at boot: RuntimeError: "
+                                     "simulated firmware bug; re-run the provisioning")
+    assert "simulated firmware bug" in (board.flash_dir / "crash.log").read_text()
