@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fleet.db.engine import make_engine, make_sessionmaker
 
     settings = _settings()
-    app = create_app(make_sessionmaker(make_engine(settings.db_url)))
+    app = create_app(make_sessionmaker(make_engine(settings.db_url)), settings=settings)
     uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port)
     return 0
 
@@ -208,13 +208,6 @@ def cmd_create_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    """Commands whose implementation is tracked in a later issue."""
-    print(f"palaute {args.command}: not available in this version yet "
-          "(see docs/installer.md for the plan)", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="palaute", description=__doc__)
@@ -291,9 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_firmware_parser(sub)
     add_report_parser(sub)
 
-    for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
-                       ("provision", "provision a terminal over serial")):
-        sub.add_parser(name, help=text).set_defaults(func=cmd_not_yet)
+    from fleet.broker.cli import add_broker_parser
+
+    add_broker_parser(sub)
+
+    from installer.flash import add_flash_parser
+
+    add_flash_parser(sub)
+
+    from installer.provision import add_provision_parser
+
+    add_provision_parser(sub)
     return parser
 
 

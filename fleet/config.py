@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.mqtt_url import parse_mqtt_url
 
 # The only secret with a default.  It is fine on a developer's laptop and refused anywhere else.
 DEV_SECRET = "palaute-development-secret-change-me"
@@ -43,6 +45,16 @@ class Settings(BaseSettings):
     # `palaute ingest` serves /metrics and /healthz here (0: off).
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
+    # Device broker accounts (Mosquitto dynamic-security), made by provisioning: the admin
+    # account's URL, ``mqtt://palaute-admin:PW@host:port``.  Empty: provisioning answers 503.
+    broker_admin_url: str = ""
+    # Seconds to wait for the broker to answer one account command.
+    broker_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # The broker address written into a provisioned device's config.json; empty: the host
+    # and port of ``mqtt_url`` (devices often reach the broker by another name than the fleet).
+    device_mqtt_host: str = ""
+    device_mqtt_port: int = Field(default=0, ge=0, le=65535)
+
     influx_url: str = ""
     influx_token: str = ""
     influx_org: str = "palaute"
@@ -50,6 +62,21 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+
+    # `palaute provision`, on the installer's laptop: the fleet API and an installer's token.
+    fleet_url: str = "http://127.0.0.1:8000"
+    installer_token: str = ""
+
+    @field_validator("broker_admin_url")
+    @classmethod
+    def _check_broker_admin_url(cls, value: str) -> str:
+        # Refused at start-up rather than at the first provisioning.
+        if value:
+            target = parse_mqtt_url(value)
+            if not target.username or not target.password:
+                raise ValueError("must name the dynamic-security admin and its password: "
+                                 "mqtt://palaute-admin:PASSWORD@host:1883")
+        return value
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:

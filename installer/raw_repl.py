@@ -47,6 +47,8 @@ WRITE_BLOCK = 256
 no flow control, and the ESP32's USB-UART receive buffer is small."""
 UNIQUE_ID_ENV = "PALAUTE_BOARD_UNIQUE_ID"
 """Where the unix-port test board (which has no ``machine``) keeps its unique id, as hex."""
+ROOT_ENV = "PALAUTE_BOARD_ROOT"
+"""Where a unix-port test board keeps its "flash" (a directory); boards have none: ``/``."""
 MANIFEST = "manifest.json"
 CONFIG = "/config.json"
 
@@ -160,6 +162,7 @@ class RawRepl:
         # Read with a short pyserial timeout; the deadlines below bound the whole wait.
         self._serial = _open_port(port, baudrate, 0.05, timeout)
         self._rx = bytearray()
+        self._raw = False  # in the raw REPL (False again once the board was reset)
         try:
             self._interrupt()
             self._enter_raw()
@@ -178,7 +181,8 @@ class RawRepl:
     def close(self) -> None:
         """Leave the raw REPL (Ctrl-B) and close the port; never raises for a gone board."""
         try:
-            self._write(b"\x02")
+            if self._raw:
+                self._write(b"\x02")
         except InstallerError:
             pass  # the board may be unplugged already; closing must still work
         finally:
@@ -254,12 +258,15 @@ class RawRepl:
         data, ok = self._read_until(RAW_BANNER, self.timeout)
         if not ok:
             self._no_banner(data)
+        self._raw = True
 
     def _no_banner(self, data: bytes) -> NoReturn:
         if not data:
             raise NoAnswer(f"nothing answers on {self.port}: check the USB cable (some are "
                            "charge-only) and the baud rate; if the board is held in its "
-                           "bootloader (BOOT button), release it and press RESET")
+                           "bootloader (BOOT button), release it and press RESET; a terminal "
+                           "with a locked REPL answers after test mode (hold buttons 1 and "
+                           "N for 5 s)")
         raise NotMicroPython(f"{self.port} answers, but not like MicroPython (got "
                              f"{_one_line(data)}): flash MicroPython with `palaute flash` "
                              "first")
@@ -273,6 +280,46 @@ class RawRepl:
         data, ok = self._read_until(RAW_BANNER, self.timeout)
         if not ok:
             self._no_banner(data)
+
+    def hard_reset(self) -> None:
+        """Reset the chip (``machine.reset()``): it boots and runs ``/main.py``.
+
+        The port stays open: what the firmware prints on its console is then read with
+        :meth:`read_console`.  No raw-REPL command works until a new connection.
+        """
+        self._write(b"import machine\nmachine.reset()\n\x04")
+        data, ok = self._read_until(b"OK", self.timeout)
+        if not ok:
+            self._no_banner(data)
+        self._raw = False
+
+    def read_console(self, timeout: float) -> bytes:
+        """The console output that arrives within ``timeout`` seconds (b'' if none).
+
+        Returns as soon as some bytes arrived and the port went quiet briefly, so a caller
+        polling in a loop sees lines promptly.
+        """
+        deadline = time.monotonic() + timeout
+        data = bytearray(self._rx)
+        self._rx.clear()
+        while time.monotonic() < deadline:
+            chunk = self._read_some()
+            if chunk:
+                data += chunk
+            elif data:
+                break
+        return bytes(data)
+
+    def detect_root(self) -> str:
+        """Set and return :attr:`root` from the board: ``/`` on a real board, the test
+        board's flash directory (``PALAUTE_BOARD_ROOT``) on the unix port."""
+        root = self.eval_json(
+            "import json, os\n"
+            f"print(json.dumps(getattr(os, 'getenv', lambda _n: None)({ROOT_ENV!r}) or '/'))\n")
+        if not isinstance(root, str) or not root.startswith("/"):
+            raise NotMicroPython(f"unexpected file system root from {self.port}: {root!r}")
+        self.root = root.rstrip("/")
+        return root
 
     # -- running code ---------------------------------------------------------------------------
     def exec(self, code: str, timeout: float = EXEC_TIMEOUT_S) -> bytes:

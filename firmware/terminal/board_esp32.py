@@ -34,6 +34,7 @@ import ntptime
 
 from terminal.board import Board
 from terminal.clock import ticks_diff, ticks_ms
+from terminal.config import CredentialsRejected
 from terminal.screen import render
 
 _RING = 32  # presses buffered between the IRQ and the button task (a burst of bounces fits)
@@ -91,6 +92,7 @@ class Esp32Board(Board):
                              % (self.buttons, self.name, len(wired)))
         if "debounce_ms" in self.config:
             self.debounce_ms = self.config["debounce_ms"]
+        self.repl_locked = False
         self._wlan = None
         self._net_up = False
         self._wifi_lock = asyncio.Lock()
@@ -110,8 +112,16 @@ class Esp32Board(Board):
         self._setup_buttons(wired[:self.buttons])
 
     # -- events --------------------------------------------------------------------------------
+    def lock_repl(self):
+        """Ignore Ctrl-C on the USB console (the REPL lock); test mode lifts it (``emit``)."""
+        micropython.kbd_intr(-1)
+        self.repl_locked = True
+
     def emit(self, name, data=None):
         """Report an observable change: to ``on_event`` if given, else to the console."""
+        if name == "test_mode" and data and self.repl_locked:
+            micropython.kbd_intr(3)  # someone at the terminal holds the chord: Ctrl-C again
+            self.repl_locked = False
         if name == "link" and self._status is not None:
             self._status.value(1 if data else 0)  # status LED: lit while the broker link is up
         if not super().emit(name, data):
@@ -182,6 +192,10 @@ class Esp32Board(Board):
                 wlan.connect(wifi["ssid"], wifi["password"])
             start = ticks_ms()
             while not wlan.isconnected():
+                if wlan.status() == network.STAT_WRONG_PASSWORD:
+                    wlan.disconnect()
+                    raise CredentialsRejected("credentials rejected by %r; re-provision with "
+                                              "the right Wi-Fi password" % wifi["ssid"])
                 if ticks_diff(ticks_ms(), start) > self.wifi_timeout_ms:
                     status = wlan.status()
                     wlan.disconnect()  # stop retrying in the background; the next call restarts
@@ -189,6 +203,11 @@ class Esp32Board(Board):
                                   % (wifi["ssid"], status))
                 await asyncio.sleep_ms(200)
             self._net(True)
+
+    async def join_network(self):
+        """Associate with the configured Wi-Fi once (boot checks the credentials with it);
+        raises CredentialsRejected for a wrong password, OSError for other failures."""
+        await self._ensure_wifi()
 
     async def open_connection(self):
         """Open a TCP stream to the broker; raises OSError while Wi-Fi or the broker is down."""

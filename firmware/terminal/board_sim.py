@@ -12,6 +12,7 @@ import time
 
 from terminal.board import Board
 from terminal.clock import ticks_ms
+from terminal.config import CredentialsRejected
 from terminal.screen import render
 
 
@@ -24,8 +25,13 @@ class SimBoard(Board):
     display_height = 64
 
     def __init__(self, root, *, broker_host="127.0.0.1", broker_port=1883, buttons=4,
-                 skew_ms=0, synced=True, on_event=None):
+                 skew_ms=0, synced=True, on_event=None, wifi=None, networks=None):
         self.root = root
+        # ``wifi`` is the config's {"ssid", "password"}; ``networks`` maps the SSIDs in range
+        # to the passwords their access points accept (None: any network joins).
+        self.wifi = wifi
+        self.networks = networks
+        self.repl_locked = False
         self.broker = (broker_host, broker_port)
         self.buttons = buttons
         self.skew_ms = skew_ms
@@ -53,6 +59,17 @@ class SimBoard(Board):
         self._pressed = asyncio.Event()
         self._writers = []
 
+    def lock_repl(self):
+        """The REPL lock: whoever runs the console (the test board) ignores Ctrl-C while
+        ``repl_locked``; test mode lifts it, as on the ESP32 board."""
+        self.repl_locked = True
+
+    def emit(self, name, data=None):
+        """Report an observable change to whoever drives the board."""
+        if name == "test_mode" and data:
+            self.repl_locked = False
+        return super().emit(name, data)
+
     # -- clock ---------------------------------------------------------------------------
     def time_ms(self):
         """Wall-clock ms since the Unix epoch, or None while the clock is not set."""
@@ -66,6 +83,21 @@ class SimBoard(Board):
         self.synced = True
 
     # -- network -------------------------------------------------------------------------
+    async def join_network(self):
+        """Join the configured Wi-Fi as the ESP32 board does: CredentialsRejected when the
+        access point refuses the password, OSError when the SSID is not in range."""
+        if self.networks is None or self.wifi is None:
+            return
+        ssid = self.wifi["ssid"]
+        if ssid not in self.networks:
+            raise OSError("wifi: no network %r in range" % ssid)
+        if self.networks[ssid] != self.wifi["password"]:
+            raise CredentialsRejected("credentials rejected by %r; re-provision with the "
+                                      "right Wi-Fi password" % ssid)
+
+    def deinit(self):
+        """Release the hardware (nothing to release on a simulated board)."""
+
     async def open_connection(self):
         """Open a TCP stream to the broker, or raise OSError while the network is cut."""
         if not self.net_up:

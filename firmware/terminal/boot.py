@@ -9,6 +9,19 @@ up without a power cycle.
 Plain MicroPython that also runs under CPython: the hardware comes in through the
 ``make_board(pins, config)`` factory (``Esp32Board`` on the device, a fake in tests).
 ``make_board(pins, None)`` must give a display-only board for safe mode.
+
+A Wi-Fi password the access point rejects is also safe mode (key ``wifi``): retrying with the
+same password cannot work.  Other network failures are left to the terminal's reconnect loop.
+
+Console lines (the USB serial console; ``palaute provision`` parses them, see
+docs/installer.md), each starting with ``palaute: ``:
+
+- ``palaute: safe mode: KEY: REASON (retrying in Ns)``: the terminal cannot run; REASON says
+  what to fix;
+- ``palaute: network: REASON (the terminal keeps trying)``: Wi-Fi not joined at boot;
+- ``palaute: running DEVICE_ID (firmware VERSION)``: files valid, the terminal starts;
+- ``palaute: REPL locked: ...``: ``repl_lock`` is on, Ctrl-C is ignored until test mode;
+- ``palaute: fatal: TRACEBACK``: an unexpected crash (``main.py`` resets the chip).
 """
 
 import asyncio
@@ -16,7 +29,8 @@ import gc
 import io
 import sys
 
-from terminal.config import ConfigError, read_json
+from terminal import FW_VERSION
+from terminal.config import ConfigError, CredentialsRejected, read_json
 from terminal.config import load as load_config
 
 CONFIG_PATH = "/config.json"
@@ -127,10 +141,28 @@ class Boot:
         """Return ``(board, config)``, staying in safe mode until both files are valid."""
         while True:
             try:
-                return self._load()
+                board, config = self._load()
+                await self._check_network(board, config)
+                return board, config
             except ConfigError as exc:
                 self._safe_mode(exc)
             await self.sleep(self.retry_s)
+
+    async def _check_network(self, board, config):
+        """Join Wi-Fi once; a rejected password is a ConfigError (safe mode), anything else
+        is only logged: the access point may simply be out of reach for now."""
+        join = getattr(board, "join_network", None)
+        if join is None or not config.get("wifi"):
+            return
+        try:
+            await join()
+        except CredentialsRejected as exc:
+            deinit = getattr(board, "deinit", None)
+            if deinit is not None:
+                deinit()  # safe mode builds its own display-only board on the same pins
+            raise ConfigError("wifi", str(exc)) from None
+        except OSError as exc:
+            self.log("palaute: network: %s (the terminal keeps trying)" % exc)
 
     async def _feed(self, board):
         while True:
@@ -148,6 +180,12 @@ class Boot:
         """Boot and run the terminal until it stops."""
         board, config = await self.setup()
         self.board = board
+        self.log("palaute: running %s (firmware %s)" % (config["device_id"], FW_VERSION))
+        if config.get("repl_lock") and hasattr(board, "lock_repl"):
+            # After safe mode, never before: a board that cannot run stays reachable.
+            board.lock_repl()
+            self.log("palaute: REPL locked: Ctrl-C is off until test mode (hold buttons 1 "
+                     "and %d for 5 s)" % config["buttons"])
         helpers = []
         if hasattr(board, "start_watchdog"):
             board.start_watchdog(self.watchdog_ms)

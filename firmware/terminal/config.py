@@ -27,6 +27,8 @@ DEFAULTS = {
     "reconnect_min_ms": 1000,
     "reconnect_max_s": 300,
     "reconnect_stable_s": 60,
+    # Ctrl-C off while the terminal runs; test mode (the button chord) turns it back on.
+    "repl_lock": False,
 }
 _HEX = "0123456789abcdef"
 
@@ -37,6 +39,11 @@ class ConfigError(ValueError):
     def __init__(self, key, message):
         super().__init__("%s: %s" % (key, message))
         self.key = key
+
+
+class CredentialsRejected(OSError):
+    """The Wi-Fi access point refused the config's password: retrying cannot help, so boot
+    turns it into safe mode (``wifi: ...``) instead of letting the link retry forever."""
 
 
 def _require(cfg, key, kind, name=None):
@@ -88,6 +95,7 @@ def validate(raw):
     if wifi is not None:
         _require(wifi, "ssid", str, "wifi.ssid")
         _require(wifi, "password", str, "wifi.password")
+    _require(cfg, "repl_lock", bool)
     return cfg
 
 

@@ -14,21 +14,39 @@ from fleet.api.routes import (
     customers,
     devices,
     health,
+    provisioning,
     reports,
     sites,
     stats,
     users,
 )
+from fleet.broker.accounts import DeviceAccounts
+from fleet.config import Settings, get_settings
 from fleet.ingest.metrics import Metrics
 
 
-def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = None) -> FastAPI:
-    """Build the API around a session factory; ``metrics`` adds ``/metrics`` when given."""
+def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = None,
+               settings: Settings | None = None,
+               device_accounts: DeviceAccounts | None = None) -> FastAPI:
+    """Build the API around a session factory; ``metrics`` adds ``/metrics`` when given.
+
+    ``settings`` default to the process's; ``device_accounts`` default to the broker named by
+    ``settings.broker_admin_url`` (none if it is empty: provisioning then answers 503).
+    """
+    settings = settings or get_settings()
+    if device_accounts is None and settings.broker_admin_url:
+        from fleet.broker.dynsec import DynsecAccounts
+
+        device_accounts = DynsecAccounts(settings.broker_admin_url,
+                                         topic_root=settings.topic_root,
+                                         timeout=settings.broker_timeout_s)
     app = FastAPI(title="Palaute fleet API", version=__version__,
                   description="Registry, ingest status and reports for feedback terminals.")
     app.state.sessions = sessions
-    for module in (health, auth, users, customers, sites, devices, assignments, audit, stats,
-                   reports):
+    app.state.settings = settings
+    app.state.device_accounts = device_accounts
+    for module in (health, auth, users, customers, sites, devices, provisioning, assignments,
+                   audit, stats, reports):
         app.include_router(module.router, prefix="/api/v1")
     if metrics is not None:
         exported = metrics

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from fleet.broker.accounts import BrokerError, DeviceAccounts
 from fleet.db.models import Role, User
 from fleet.services.auth import authenticate
 
@@ -65,3 +67,22 @@ def require(*roles: Role) -> Callable[[User], User]:
 
 AdminUser = Annotated[User, Depends(require())]
 StaffUser = Annotated[User, Depends(require(Role.coordinator, Role.ops))]
+
+
+def get_device_accounts(request: Request) -> DeviceAccounts | None:
+    """The broker's device accounts, or None when PALAUTE_BROKER_ADMIN_URL is not set."""
+    accounts: DeviceAccounts | None = request.app.state.device_accounts
+    return accounts
+
+
+DeviceAccountsDep = Annotated[DeviceAccounts | None, Depends(get_device_accounts)]
+
+
+@contextmanager
+def broker_errors(what: str) -> Iterator[None]:
+    """Turn broker account errors inside the block into 503 "could not <what>: <reason>"."""
+    try:
+        yield
+    except BrokerError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"could not {what}: {exc}") from None

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.api.app import create_app
+from fleet.broker.dynsec import DynsecAccounts
 from fleet.db.engine import make_engine
 from fleet.db.migrate import upgrade
 from fleet.db.models import Role, User
@@ -29,6 +30,7 @@ from fleet.services import registry
 from fleet.services.auth import create_api_token, create_user
 from fleet.services.votes import store_batches
 from tests.fleet.auth_helpers import PASSWORD
+from tests.services.mosquitto import DynsecMosquittoBroker
 
 MAX_EXAMPLES = 15
 
@@ -45,8 +47,13 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 @pytest.fixture
-def fuzz_db(tmp_path: Path) -> Iterator[None]:
-    """A migrated SQLite database with a little of everything, so small ids hit real rows."""
+def fuzz_db(tmp_path: Path, dynsec_mosquitto: DynsecMosquittoBroker) -> Iterator[None]:
+    """A migrated SQLite database with a little of everything, so small ids hit real rows.
+
+    Device accounts go to a real Mosquitto, so provisioning and retiring run their whole
+    path (without one, provisioning answers its documented 503).
+    """
+    APP.state.device_accounts = DynsecAccounts(dynsec_mosquitto.admin_url)
     url = f"sqlite:///{tmp_path / 'fuzz.db'}"
     upgrade(url)
     engine = make_engine(url)
@@ -65,6 +72,7 @@ def fuzz_db(tmp_path: Path) -> Iterator[None]:
         create_user(session, email=ADMIN_EMAIL, password=PASSWORD, role=Role.admin)
     yield
     SESSIONS.configure(bind=None)
+    APP.state.device_accounts = None
     engine.dispose()
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from fleet.api.deps import SessionDep, StaffUser, require
+from fleet.api.deps import DeviceAccountsDep, SessionDep, StaffUser, broker_errors, require
 from fleet.api.schemas import (
     CONFLICT,
     ERRORS,
@@ -25,11 +25,12 @@ from fleet.api.schemas import (
     Notes,
     Page,
     PageDep,
+    Problem,
     registry_errors,
 )
 from fleet.db.models import Assignment, Device, DeviceState, Role, Site, User
 from fleet.db.models import Vote as VoteRow
-from fleet.services import registry
+from fleet.services import provisioning, registry
 
 router = APIRouter(prefix="/devices", tags=["devices"], responses=ERRORS)
 
@@ -174,11 +175,18 @@ def patch_device(device_id: str, body: DeviceUpdate, user: Operator,
 
 
 @router.post("/{device_id}/retire", response_model=DeviceDetail,
-             responses={**NOT_FOUND, **CONFLICT})
-def retire_device(device_id: str, user: Operator, session: SessionDep) -> DeviceDetail:
-    """Retire a terminal for good: its assignment ends now and its votes are refused."""
-    with registry_errors():
-        device = registry.retire_device(session, device_id=device_id, actor=user)
+             responses={**NOT_FOUND, **CONFLICT,
+                        503: {"model": Problem, "description": "the broker is unreachable"}})
+def retire_device(device_id: str, user: Operator, session: SessionDep,
+                  accounts: DeviceAccountsDep) -> DeviceDetail:
+    """Retire a terminal for good: its assignment ends now and its votes are refused.
+
+    Its broker account is deleted and it is disconnected; if the broker cannot be reached
+    that is a 503 and nothing changes.
+    """
+    with registry_errors(), broker_errors("remove the device's MQTT account"):
+        device = provisioning.retire_device(session, accounts=accounts, device_id=device_id,
+                                            actor=user)
     return device_detail(session, device)
 
 

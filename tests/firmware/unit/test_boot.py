@@ -5,7 +5,7 @@ import json
 
 from _support import raises, tempdir
 from terminal.boot import Boot, check_match, describe, load_pins, log_crash
-from terminal.config import ConfigError, validate
+from terminal.config import ConfigError, CredentialsRejected, validate
 
 PINS = {"board": "esp32-devkitc", "chip": "esp32", "description": "test",
         "buttons": [{"pin": 32, "led": 4}, {"pin": 33, "led": 18}, {"pin": 25, "led": 19},
@@ -29,9 +29,10 @@ def write(path, data):
 class FakeBoard:
     """Records what boot does with the hardware."""
 
-    def __init__(self, pins, config, synced=True, fail=None):
+    def __init__(self, pins, config, synced=True, fail=None, join_errors=None):
         if fail:
             raise fail
+        self.join_errors = join_errors  # a list shared by the boards: one error per join
         self.pins = pins
         self.config = config
         self.screen = []
@@ -46,6 +47,13 @@ class FakeBoard:
 
     def deinit(self):
         self.deinited = True
+
+    def lock_repl(self):
+        self.locked = True
+
+    async def join_network(self):
+        if self.join_errors:
+            raise self.join_errors.pop(0)
 
     def start_watchdog(self, timeout_ms):
         self.watchdog_ms = timeout_ms
@@ -240,3 +248,71 @@ def test_crash_log_keeps_the_last_traceback():
         assert "boom" in f.read()
     assert "boom" in log_crash(ValueError("boom"), root + "/missing-dir/crash.log", lines.append)
     assert "ValueError" in describe(ValueError("x"))
+
+
+def wifi_config():
+    config = good_config()
+    config["wifi"] = {"ssid": "Cafe", "password": "wrong"}
+    return config
+
+
+def test_rejected_wifi_password_is_safe_mode_until_fixed():
+    errors = [CredentialsRejected("credentials rejected by 'Cafe'; re-provision with the "
+                                  "right Wi-Fi password")]
+    rig = Rig({"join_errors": errors})
+    write(rig.board_path, PINS)
+    write(rig.config_path, wifi_config())
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert [e.key for e in boot.errors] == ["wifi"]
+    assert rig.logged[0] == ("palaute: safe mode: wifi: credentials rejected by 'Cafe'; "
+                             "re-provision with the right Wi-Fi password (retrying in 7s)")
+    # The board built with the rejected config was released before safe mode took the pins.
+    assert rig.boards[0].deinited and rig.boards[1].config is None
+    assert rig.sleeps == 1 and boot.terminal.ran
+    assert rig.logged[-1] == "palaute: running pt-0123456789ab (firmware 0.1.0)"
+
+
+def test_other_wifi_failures_are_logged_and_the_terminal_runs():
+    rig = Rig({"join_errors": [OSError("wifi: no network 'Cafe' in range")]})
+    write(rig.board_path, PINS)
+    write(rig.config_path, wifi_config())
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert boot.errors == [] and rig.sleeps == 0 and boot.terminal.ran
+    assert rig.logged[0] == ("palaute: network: wifi: no network 'Cafe' in range "
+                             "(the terminal keeps trying)")
+
+
+def test_no_wifi_in_the_config_skips_the_join():
+    rig = Rig({"join_errors": [CredentialsRejected("never raised")]})
+    write(rig.board_path, PINS)
+    write(rig.config_path, good_config())
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert boot.errors == [] and boot.terminal.ran
+
+
+def test_repl_lock_is_applied_once_the_terminal_can_run():
+    rig = Rig()
+    write(rig.board_path, PINS)
+    config = good_config()
+    config["repl_lock"] = True
+    write(rig.config_path, config)
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert getattr(boot.board, "locked", False)
+    assert rig.logged[-1] == ("palaute: REPL locked: Ctrl-C is off until test mode (hold "
+                              "buttons 1 and 4 for 5 s)")
+
+
+def test_repl_stays_unlocked_without_repl_lock_and_in_safe_mode():
+    rig = Rig()
+    write(rig.board_path, PINS)
+    write(rig.config_path, good_config())
+    boot = rig.boot()
+    asyncio.run(boot.run())
+    assert not getattr(boot.board, "locked", False)
+    config = good_config()
+    config["repl_lock"] = "yes"
+    assert str(raises(ConfigError, validate, config)) == "repl_lock: missing or not a bool"
