@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     influx_org: str = "palaute"
     influx_bucket: str = "palaute"
 
+    # Raw 32-byte Ed25519 seed (mode 0600) that signs content packages; terminals hold its
+    # public key.  `palaute content keygen --out FILE` makes one (docs/content.md).
+    content_key_file: str = ""
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -218,3 +219,35 @@ class VoteRollup(Base):
         # sequential read instead of an index scan plus a row lookup per entry.
         {"sqlite_with_rowid": False},
     )
+
+class ContentVersion(Base):
+    """What terminals ask and how they behave, immutable once created (docs/content.md).
+
+    ``version`` is the global number 1 … 65,535 that terminals compare (never downgrade) and
+    stamp on votes; the next one is the highest so far + 1.  ``body`` is the validated request
+    as JSON text (texts per language, show/rotate, settings, opening hours), kept so that a
+    rollback can republish it as a new version.
+    """
+
+    __tablename__ = "content_versions"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    body: Mapped[str] = mapped_column(Text)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    created_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+
+
+class ContentPackage(Base):
+    """The rendered, signed package of one content version for one display size."""
+
+    __tablename__ = "content_packages"
+    version: Mapped[int] = mapped_column(
+        ForeignKey("content_versions.version", ondelete="CASCADE"), primary_key=True)
+    display: Mapped[str] = mapped_column(String(16), primary_key=True)  # "128x64"
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))  # hex
+    # Which key signed it: terminals provisioned with another key refuse it (bad_signature).
+    public_key: Mapped[str] = mapped_column(String(64))
