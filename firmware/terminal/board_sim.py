@@ -47,6 +47,10 @@ class SimBoard:
                                             self.display_height, framebuf.MONO_VLSB)
         except ImportError:
             pass
+        # Display state set by content settings and opening hours: "on", "dim" or "off", and
+        # the brightness (0..255) used while on.
+        self.display_mode = "on"
+        self.brightness = 255
         self.reset_cause = "power_on"
         self._presses = []
         self._held = 0  # bit n-1 set while button n is held down
@@ -165,6 +169,21 @@ class SimBoard:
         if self._fb is not None:
             render(self._fb, self.display_width, self.display_height, self.screen)
         self.emit("screen", self.screen)
+
+    def blit(self, bitmap, label):
+        """Show a whole MONO_VLSB screen (a content package's bitmap); ``label`` names it."""
+        if self.framebuffer is None or len(self.framebuffer) != len(bitmap):
+            self.framebuffer = bytearray(len(bitmap))  # CPython: keep the bytes anyway
+        self.framebuffer[:] = bitmap
+        self.screen = [label]
+        self.emit("screen", self.screen)
+
+    def set_display(self, mode, brightness):
+        """Switch the display ``on``, ``dim`` or ``off``; ``brightness`` 0..255 when on."""
+        if (mode, brightness) != (self.display_mode, self.brightness):
+            self.display_mode = mode
+            self.brightness = brightness
+            self.emit("display", [mode, brightness])
 
     def heap_free(self):
         """Free heap bytes, where the interpreter can tell."""
