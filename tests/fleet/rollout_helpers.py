@@ -88,7 +88,7 @@ class Watcher:
 
     def drain(self) -> list[tuple[str, bytes, bool]]:
         """Everything received so far."""
-        out = []
+        out: list[tuple[str, bytes, bool]] = []
         while True:
             try:
                 out.append(self.messages.get_nowait())
@@ -105,7 +105,7 @@ class Watcher:
         The broker keeps one publisher's messages in order, so once the marker arrives every
         earlier message has: no waiting for messages that do not come."""
         publish(MARKER, b"marker", retain=False)
-        out = []
+        out: list[tuple[str, bytes, bool]] = []
         while True:
             message = self.messages.get(timeout=10)
             if message[0] == MARKER:
