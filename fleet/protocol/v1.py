@@ -194,7 +194,7 @@ def parse_reported(device_id: str, payload: bytes, *, max_bytes: int) -> Reporte
         desired = _int(desired, "desired", 0, _MAX_VERSION)
     reason = data.get("reason")
     if state == "refused":
-        if not isinstance(reason, str) or not re.fullmatch(r"[a-z_]{1,32}", reason):
+        if not isinstance(reason, str) or not re.fullmatch(r"[a-z0-9_]{1,32}", reason):
             raise ProtocolError("bad_shape", f"a refused report needs a reason such as "
                                 f"'bad_signature', got {reason!r}")
     else:
