@@ -15,6 +15,8 @@ from fleet.api.routes import (
     devices,
     health,
     reports,
+    rollouts,
+    selections,
     sites,
     stats,
     users,
@@ -28,7 +30,7 @@ def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = Non
                   description="Registry, ingest status and reports for feedback terminals.")
     app.state.sessions = sessions
     for module in (health, auth, users, customers, sites, devices, assignments, audit, stats,
-                   reports):
+                   reports, rollouts, selections):
         app.include_router(module.router, prefix="/api/v1")
     if metrics is not None:
         exported = metrics

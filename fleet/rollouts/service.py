@@ -239,12 +239,14 @@ def get_rollout(session: Session, *, rollout_id: int) -> Rollout:
 
 
 def list_rollouts(session: Session, *, state: RolloutState | None = None,
-                  offset: int = 0, limit: int = 50) -> list[Rollout]:
-    """Rollouts, newest first."""
-    query = select(Rollout).order_by(Rollout.id.desc()).offset(offset).limit(limit)
+                  offset: int = 0, limit: int = 50) -> tuple[list[Rollout], int]:
+    """Rollouts, newest first, and how many match."""
+    query = select(Rollout)
     if state is not None:
         query = query.where(Rollout.state == state)
-    return list(session.scalars(query))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = session.scalars(query.order_by(Rollout.id.desc()).offset(offset).limit(limit))
+    return list(page), total
 
 
 def rollout_counts(session: Session, rollout_id: int) -> RolloutCounts:
