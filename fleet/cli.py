@@ -286,10 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fleet.firmware_bundle import add_firmware_parser
     from fleet.pinmaps import add_hardware_parser
     from fleet.reports_cli import add_report_parser
+    from fleet.rollouts.cli import add_rollout_parser
 
     add_hardware_parser(sub)
     add_firmware_parser(sub)
     add_report_parser(sub)
+    add_rollout_parser(sub)
 
     for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
                        ("provision", "provision a terminal over serial")):
