@@ -200,7 +200,7 @@ def verify_steps(public_key, message, signature, every=16):
 def verify(public_key, message, signature):
     """True if ``signature`` (64 bytes) is ``public_key``'s (32 bytes) Ed25519 signature of
     ``message``; False for any mismatch or malformed input (never raises on bad bytes)."""
-    result = False
-    for result in verify_steps(public_key, message, signature):
-        pass
+    result = None
+    for step in verify_steps(public_key, message, signature):
+        result = step
     return bool(result)

@@ -34,7 +34,4 @@ def is_open(hours, utc_ms):
     if hours is None or utc_ms is None:
         return True
     weekday, minute = local_week_minute(hours["tz"], utc_ms)
-    for day, start, end in hours["week"]:
-        if day == weekday and start <= minute < end:
-            return True
-    return False
+    return any(day == weekday and start <= minute < end for day, start, end in hours["week"])

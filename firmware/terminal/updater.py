@@ -299,7 +299,8 @@ class Updater:
         f = self._file
         h = self._hash
         if f is None or h is None:
-            f = self._file = open(self.store.tmp_path, "wb")
+            # Open for the whole download, closed in _finish/_abandon: not a with-block.
+            f = self._file = open(self.store.tmp_path, "wb")  # noqa: SIM115
             h = self._hash = hashlib.sha256()
         body = memoryview(data)[6:]
         f.write(body)

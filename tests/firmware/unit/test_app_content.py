@@ -6,8 +6,8 @@ import asyncio
 import os
 
 from _support import screen, simple_package, tempdir
-from terminal.content import load
 from terminal.clock import ticks_add, ticks_ms
+from terminal.content import load
 from test_app import Rig
 
 MONDAY_2024_UTC = 1704067200000

@@ -11,8 +11,7 @@ from _support import (
     simple_package,
     tempdir,
 )
-from terminal.content import PackageError, load
-from terminal.content import ContentStore
+from terminal.content import ContentStore, PackageError, load
 from terminal.hours import is_open, local_week_minute, offset_minutes
 
 MONDAY_2024_UTC = 1704067200000  # 2024-01-01 00:00 UTC, a Monday

@@ -154,7 +154,7 @@ def test_download_verifies_applies_and_reports():
 
 def test_equal_lower_too_large_and_no_key_are_decided_at_once():
     installed = simple_package(5)
-    updater, wire, store, _ = make(installed, max_bytes=4096)
+    updater = make(installed, max_bytes=4096)[0]
     updater.on_desired(desired(installed, 5))
     assert (updater.state, updater.reason, updater.desired) == ("applied", None, 5)
     updater.on_desired(desired(simple_package(4), 4))
@@ -162,10 +162,10 @@ def test_equal_lower_too_large_and_no_key_are_decided_at_once():
     big = simple_package(6)  # > 4096 bytes
     updater.on_desired(desired(big, 6))
     assert (updater.state, updater.reason) == ("refused", "too_large")
-    updater, wire, store, _ = make(installed)
+    updater = make(installed)[0]
     updater.on_desired(desired(big, 6, chunk=4097))
     assert (updater.state, updater.reason) == ("refused", "too_large")
-    updater, wire, store, _ = make(installed, key=False)
+    updater = make(installed, key=False)[0]
     updater.on_desired(desired(big, 6))
     assert (updater.state, updater.reason, updater.desired) == ("refused", "no_key", 6)
     assert updater.reported()["version"] == 5
@@ -174,7 +174,7 @@ def test_equal_lower_too_large_and_no_key_are_decided_at_once():
 
 
 def test_malformed_desired_is_refused_as_bad_package():
-    updater, wire, store, _ = make()
+    updater, _wire, _store, _ = make()
     for payload in (b"{nope", b"[1]", b'{"version": 3}',
                     json.dumps({"version": 70000, "size": 1, "sha256": "00" * 32,
                                 "sig": "00" * 64, "chunk": 1}).encode()):
@@ -221,7 +221,7 @@ def test_every_download_refusal_keeps_the_old_content():
 def test_refused_package_is_not_downloaded_again_on_redelivery():
     async def main():
         package = simple_package(3)
-        updater, wire, store, _ = make()
+        updater, wire, _store, _ = make()
         payload = desired(package, 3, seed=9)
         updater.on_desired(payload)
         await run_until(updater, wire, wire.state("refused"), serve(wire, updater, package, 3))
@@ -236,7 +236,7 @@ def test_refused_package_is_not_downloaded_again_on_redelivery():
 
 def test_five_unanswered_fetches_refuse_with_fetch_timeout():
     async def main():
-        updater, wire, store, _ = make(timeout=0.05)
+        updater, wire, _store, _ = make(timeout=0.05)
         updater.on_desired(desired(simple_package(3), 3))
         body = await run_until(updater, wire, wire.state("refused"))
         assert body["reason"] == "fetch_timeout"
@@ -261,7 +261,7 @@ def test_lost_and_stale_chunks_are_asked_again():
 def test_redelivered_desired_does_not_restart_the_download():
     async def main():
         package = simple_package(3)
-        updater, wire, store, _ = make()
+        updater, wire, _store, _ = make()
         payload = desired(package, 3)
         updater.on_desired(payload)
 
