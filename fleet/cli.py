@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fleet.db.engine import make_engine, make_sessionmaker
 
     settings = _settings()
-    app = create_app(make_sessionmaker(make_engine(settings.db_url)))
+    app = create_app(make_sessionmaker(make_engine(settings.db_url)),
+                     content_key_file=settings.content_key_file)
     uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port)
     return 0
 
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_token.add_argument("--name", required=True, help="where it is used")
     create_token.set_defaults(func=cmd_create_token)
 
+    from fleet.content.cli import add_content_parser
     from fleet.firmware_bundle import add_firmware_parser
     from fleet.pinmaps import add_hardware_parser
     from fleet.reports_cli import add_report_parser
@@ -292,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_firmware_parser(sub)
     add_report_parser(sub)
     add_rollout_parser(sub)
+    add_content_parser(sub)
 
     for name, text in (("flash", "flash MicroPython onto a terminal (esptool)"),
                        ("provision", "provision a terminal over serial")):

@@ -11,6 +11,7 @@ from fleet.api.routes import (
     assignments,
     audit,
     auth,
+    content,
     customers,
     devices,
     health,
@@ -24,13 +25,19 @@ from fleet.api.routes import (
 from fleet.ingest.metrics import Metrics
 
 
-def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = None) -> FastAPI:
-    """Build the API around a session factory; ``metrics`` adds ``/metrics`` when given."""
+def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = None,
+               content_key_file: str = "") -> FastAPI:
+    """Build the API around a session factory; ``metrics`` adds ``/metrics`` when given.
+
+    ``content_key_file`` names the key that signs new content versions (creating content
+    answers 503 without one).
+    """
     app = FastAPI(title="Palaute fleet API", version=__version__,
                   description="Registry, ingest status and reports for feedback terminals.")
     app.state.sessions = sessions
+    app.state.content_key_file = content_key_file
     for module in (health, auth, users, customers, sites, devices, assignments, audit, stats,
-                   reports, rollouts, selections):
+                   reports, content, rollouts, selections):
         app.include_router(module.router, prefix="/api/v1")
     if metrics is not None:
         exported = metrics
