@@ -48,16 +48,21 @@ def set_online(session: Session, ids: Sequence[str], online: bool) -> None:
 
 
 def store_content(session: Session, version: int, displays: Sequence[str] = ("128x64",),
-                  pattern: int = 0) -> dict[str, bytes]:
-    """Store a signed content version (blank-ish screens); return its packages by display."""
+                  pattern: int = 0, question: bytes | None = None) -> dict[str, bytes]:
+    """Store a signed content version, one language; return its packages by display.
+
+    Every screen is filled with ``pattern``, except the question screen when ``question``
+    (a whole bitmap for the first display) is given."""
     session.add(ContentVersion(version=version, name=f"v{version}", body="{}", created_ms=0))
     session.flush()  # no ORM relationship orders the two inserts
     packages = {}
     for display in displays:
         width, height = (int(x) for x in display.split("x"))
         screen = bytes([pattern]) * screen_bytes(width, height)
-        data = build_package(version, width, height, ["fi"],
-                             {kind: {"fi": screen} for kind in SCREENS}, show="fi",
+        screens = {kind: {"fi": screen} for kind in SCREENS}
+        if question is not None and display == displays[0]:
+            screens["question"] = {"fi": question}
+        data = build_package(version, width, height, ["fi"], screens, show="fi",
                              rotate_s=8, settings={}, hours=None)
         session.add(ContentPackage(version=version, display=display, data=data, size=len(data),
                                    sha256=hashlib.sha256(data).hexdigest(),
