@@ -15,8 +15,9 @@ from fleet.content.service import tz_transitions, week_intervals
 from fleet.db.migrate import upgrade
 
 
-def _ms(*args: int) -> int:
-    return int(datetime.datetime(*args, tzinfo=datetime.UTC).timestamp() * 1000)
+def _ms(year: int, month: int, day: int, hour: int = 0) -> int:
+    return int(datetime.datetime(year, month, day, hour, tzinfo=datetime.UTC).timestamp()
+               * 1000)
 
 
 def test_helsinki_transitions_at_the_exact_instants() -> None:
