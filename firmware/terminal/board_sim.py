@@ -183,7 +183,7 @@ class SimBoard:
         if (mode, brightness) != (self.display_mode, self.brightness):
             self.display_mode = mode
             self.brightness = brightness
-            self.emit("display", [mode, brightness])
+            self.emit("display_state", [mode, brightness])
 
     def heap_free(self):
         """Free heap bytes, where the interpreter can tell."""

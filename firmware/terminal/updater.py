@@ -119,7 +119,9 @@ class Updater:
             self.state = "refused"
             self.reason = store.boot_error.split(":")[0]
         self._job = None  # the desired dict being downloaded
-        self._refused = None  # (version, sha256) of the last package refused for good
+        # (version, sha256, sig) of the last desired refused for good: the same desired again
+        # is refused again without a download; a corrected signature is tried afresh.
+        self._refused = None
         self._file = None
         self._hash = None
         self._offset = 0
@@ -161,7 +163,8 @@ class Updater:
             self._set("refused", "too_large", version)
         elif self.key is None:
             self._set("refused", "no_key", version)
-        elif self._refused == (version, job["sha256"]) and self.desired == version:
+        elif (self._refused == (version, job["sha256"], job["sig"])
+              and self.desired == version):
             self._report_due = True  # refused this very package already: say so again
             self._wake.set()
         else:
@@ -185,7 +188,7 @@ class Updater:
     def _refuse(self, job, reason):
         """Give up on ``job`` with ``reason``; a package refused for good stays refused."""
         if reason in FINAL_REASONS:
-            self._refused = (job["version"], job["sha256"])
+            self._refused = (job["version"], job["sha256"], job["sig"])
         self._abandon()
         self._set("refused", reason, job["version"])
 

@@ -91,7 +91,7 @@ def test_settings_tune_the_filter_and_the_idle_display():
         await rig.vote(1)
         await rig.until(lambda: not rig.board.leds[0])
         await rig.until(lambda: rig.board.display_mode == "dim")
-        assert ("display", ["on", 90]) in [(e[0], e[1]) for e in rig.events]
+        assert ("display_state", ["on", 90]) in [(e[0], e[1]) for e in rig.events]
         await rig.stop()
 
     asyncio.run(main())

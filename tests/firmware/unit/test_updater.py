@@ -221,7 +221,7 @@ def test_every_download_refusal_keeps_the_old_content():
 def test_refused_package_is_not_downloaded_again_on_redelivery():
     async def main():
         package = simple_package(3)
-        updater, wire, _store, _ = make()
+        updater, wire, store, _ = make()
         payload = desired(package, 3, seed=9)
         updater.on_desired(payload)
         await run_until(updater, wire, wire.state("refused"), serve(wire, updater, package, 3))
@@ -230,6 +230,9 @@ def test_refused_package_is_not_downloaded_again_on_redelivery():
         body = await run_until(updater, wire, wire.state("refused"))
         assert body["reason"] == "bad_signature"
         assert len(wire.all("fetch")) == fetches
+        updater.on_desired(desired(package, 3))  # the same package, the right signature
+        await run_until(updater, wire, wire.state("applied"), serve(wire, updater, package, 3))
+        assert store.version == 3
 
     asyncio.run(main())
 
