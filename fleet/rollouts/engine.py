@@ -72,9 +72,15 @@ class RolloutEngine:
         """Advance every live rollout once; ``now`` is epoch ms (tests pass their own)."""
         result = TickResult()
         with self.sessions() as session:
+            # A completed rollout still follows devices that have not answered yet (their
+            # presence and timeouts); one whose devices all answered needs nothing more.
+            waiting = select(RolloutDevice.rollout_id).where(
+                RolloutDevice.rollout_id == Rollout.id,
+                RolloutDevice.state.in_((S.offline, S.delivered))).exists()
             ids = list(session.scalars(select(Rollout.id).where(
                 Rollout.state.in_((RolloutState.running, RolloutState.paused,
-                                   RolloutState.halted, RolloutState.completed))
+                                   RolloutState.halted))
+                | ((Rollout.state == RolloutState.completed) & waiting)
                 | ((Rollout.state == RolloutState.aborted) & Rollout.cleared_ms.is_(None)))
                 .order_by(Rollout.id)))
         for rollout_id in ids:
