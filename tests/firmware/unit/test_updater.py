@@ -303,3 +303,33 @@ def test_content_key_parsing():
         except ValueError:
             continue
         raise AssertionError("accepted %r" % (bad,))
+
+
+def test_link_down_does_not_count_as_fetch_failures_and_reconnect_re_asks():
+    async def main():
+        package = simple_package(3)
+        updater, wire, store, _ = make(timeout=0.05)
+        updater.on_desired(desired(package, 3))
+        task = asyncio.create_task(updater.run())
+        try:
+            await wire.next("fetch")
+            updater.up.clear()  # the link drops while the first chunk is awaited
+            # Nothing to await: the point is that time passes (3x the failure budget of
+            # fetch timeouts) without anything happening.
+            await asyncio.sleep(0.05 * 3 * FAILURES_MAX)
+            assert updater.state == "downloading" and len(wire.all("fetch")) == 1
+            updater.up.set()
+            updater.link_up()
+            await wire.next("reported")  # reported again after the reconnect
+            request = await wire.next("fetch")  # and the chunk asked again
+            assert request["offset"] == 0
+            peer = asyncio.create_task(serve(wire, updater, package, 3))
+            updater.on_chunk(chunk_bytes(3, 0, package[:1000]))
+            await wire.state("applied")
+            peer.cancel()
+            assert store.version == 3
+        finally:
+            task.cancel()
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
