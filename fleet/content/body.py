@@ -20,6 +20,9 @@ from pydantic import (
 from fleet.services import registry
 
 NO_NUL = r"^[^\x00]*$"
+# Control characters would be drawn as boxes; texts may break lines with \n, labels not.
+TEXT_CHARS = r"^[^\x00-\x09\x0b-\x1f\x7f]*$"
+LABEL_CHARS = r"^[^\x00-\x1f\x7f]*$"
 MAX_LANGUAGES = 8
 MAX_MS_SETTING = 3_600_000  # the terminal's bound on its *_ms settings
 BURST_COUNT_MAX = 64  # firmware/terminal/abuse.py
@@ -27,9 +30,9 @@ BURST_COUNT_MAX = 64  # firmware/terminal/abuse.py
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(?:-[A-Za-z0-9]{1,8})?$"),
                          Field(examples=["fi", "zh-Hans"])]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=300,
-                                        pattern=NO_NUL)]
+                                        pattern=TEXT_CHARS)]
 Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40,
-                                         pattern=NO_NUL)]
+                                         pattern=LABEL_CHARS)]
 SettingMs = Annotated[int, Field(ge=0, le=MAX_MS_SETTING)]
 HHMM = Annotated[str, StringConstraints(pattern=r"^(?:(?:[01]\d|2[0-3]):[0-5]\d|24:00)$")]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]

@@ -59,15 +59,15 @@ def coverage(font: Font) -> frozenset[int]:
         return frozenset(tt.getBestCmap())
 
 
-def _needs_glyph(char: str) -> bool:
-    # Spaces, line breaks and invisible format characters (ZWJ, bidi marks) have no ink;
-    # shaping handles them without a glyph of their own.
+def needs_glyph(char: str) -> bool:
+    """True for characters that draw ink (not spaces, line breaks or format characters)."""
+    # Invisible format characters (ZWJ, bidi marks) are handled by shaping, not drawn.
     return not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf")
 
 
 def font_for(text: str) -> Font:
     """The first font of :data:`FONTS` that covers every visible character of ``text``."""
-    needed = {ord(c) for c in text if _needs_glyph(c)}
+    needed = {ord(c) for c in text if needs_glyph(c)}
     for font in FONTS:
         if needed <= coverage(font):
             return font

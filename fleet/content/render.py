@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from fleet.content.fonts import Font, FontMissing, NoGlyph, font_for
+from fleet.content.fonts import Font, FontMissing, NoGlyph, font_for, needs_glyph
 
 MARGIN = 2  # pixels kept clear at the screen's left and right edges
 LINE_SPACING = 1.15  # line pitch as a multiple of the font size
@@ -166,6 +166,8 @@ def _draw_block(draw: ImageDraw.ImageDraw, block: _Block, left: int, top: int, w
 
 
 def _pick_font(text: str, field: str) -> Font:
+    if not any(needs_glyph(c) for c in text):
+        raise RenderError(field, "has no visible character")
     try:
         return font_for(text)
     except NoGlyph as exc:

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.api.app import create_app
+from fleet.content import signing
 from fleet.db.engine import make_engine
 from fleet.db.migrate import upgrade
 from fleet.db.models import Role, User
@@ -51,6 +52,9 @@ def fuzz_db(tmp_path: Path) -> Iterator[None]:
     upgrade(url)
     engine = make_engine(url)
     SESSIONS.configure(bind=engine)
+    # A real signing key, so that fuzzed content reaches rendering instead of a 503.
+    signing.generate_key_file(tmp_path / "content.key")
+    APP.state.content_key_file = str(tmp_path / "content.key")
     with SESSIONS.begin() as session:
         for name in ("Fuzz Oy", "Other Oy"):
             customer = registry.create_customer(session, name=name)
