@@ -176,6 +176,7 @@ class Terminal:
 
     def _status_payload(self):
         return json.dumps({"online": True, "fw": FW_VERSION,
+                           "content_version": self._content_version,
                            "ts_ms": self.board.time_ms()}).encode()
 
     # -- messages from the fleet ------------------------------------------------------------

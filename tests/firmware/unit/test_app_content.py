@@ -3,6 +3,7 @@ display state and opening hours, and the version every vote carries.  Runs under
 and MicroPython (where the SimBoard's framebuffer is a real framebuf)."""
 
 import asyncio
+import json
 import os
 
 from _support import screen, simple_package, tempdir
@@ -27,6 +28,7 @@ def test_boot_shows_the_question_bitmap_and_votes_carry_its_version():
         rig = Rig(installed(simple_package(7, languages=("fi", "sv", "en"), show="sv")))
         rig.t.feedback_ms = 30
         assert rig.t.content_version == 7 and rig.t.health()["content_version"] == 7
+        assert json.loads(rig.t._status_payload())["content_version"] == 7
         rig.start()
         await rig.until(lambda: "ready" in rig.names())
         assert rig.board.screen == ["question:sv:v7"]
