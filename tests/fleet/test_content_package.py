@@ -182,3 +182,51 @@ def test_migration_0004_creates_the_content_tables(unmigrated_db_url: str) -> No
         assert inspector.get_pk_constraint("content_versions")["constrained_columns"] == [
             "version"]
     engine.dispose()
+
+
+def test_the_terminal_accepts_what_the_fleet_creates(tmp_path: Path) -> None:
+    """Interop: a version created by the fleet service, loaded by the firmware's own parser
+    and verified by the firmware's own Ed25519 (firmware/terminal, run here under CPython)."""
+    from terminal import content as terminal_content
+    from terminal import ed25519 as terminal_ed25519
+    from terminal import updater as terminal_updater
+
+    from fleet.content import service
+    from fleet.content.body import ContentBody
+    from fleet.db.engine import make_engine, make_sessionmaker
+
+    url = f"sqlite:///{tmp_path / 'palaute.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    key = Ed25519PrivateKey.generate()
+    body = ContentBody.model_validate({
+        "languages": {"fi": {"question": "Miten meni?", "thanks": "Kiitos!",
+                             "labels": ["Huono", "Hyvä"]},
+                      "ar": {"question": "كيف كانت زيارتك؟", "thanks": "شكرا!"}},
+        "buttons": 2, "show": "ar", "settings": {"brightness": 10, "idle": "off"},
+        "hours": {"week": {"mon": [["08:00", "16:00"]]}, "timezone": "Europe/Stockholm"}})
+    with make_sessionmaker(engine)() as session:
+        version = service.create_content(session, body, key=key, user=None).version
+        session.commit()
+        packages = {d: service.get_package(session, version, d) for d in ("128x64", "296x128")}
+    engine.dispose()
+    public = bytes.fromhex(signing.public_key_hex(key))
+    for display, stored in packages.items():
+        width, height = (int(n) for n in display.split("x"))
+        path = tmp_path / f"content-{display}.bin"
+        path.write_bytes(stored.data)
+        loaded = terminal_content.load(str(path), width, height)
+        assert loaded.version == version and loaded.languages == ["fi", "ar"]
+        assert loaded.show == "ar" and loaded.hours["outside"] == "dim"
+        buf = bytearray(width * height // 8)
+        loaded.read_screen("question", "ar", buf)
+        assert bytes(buf) == parse_package(stored.data).screens["question"]["ar"]
+        digest = hashlib.sha256(stored.data).digest()
+        message = terminal_updater.signed_message(version, stored.size, digest)
+        assert message == signing.signed_message(version, stored.data)
+        signature = bytes.fromhex(stored.signature)
+        assert terminal_ed25519.verify(public, message, signature)
+        assert not terminal_ed25519.verify(public, message, signature[:-1] + b"\0")
+        other = (128, 64) if display == "296x128" else (296, 128)
+        with pytest.raises(terminal_content.PackageError, match="wrong_display"):
+            terminal_content.load(str(path), *other)
