@@ -146,8 +146,10 @@ def target_devices(session: Session, kind: str, ref: str) -> list[Device]:
     try:
         number = int(ref)
     except ValueError:
+        number = 0
+    if not 1 <= number <= 2**31 - 1:  # also keeps PostgreSQL's INTEGER from overflowing
         raise Invalid("target_ref", f"target_ref of a {kind} must be its numeric id, "
-                      f"got {ref!r}") from None
+                      f"got {ref!r}")
     if kind == "selection":
         ids = selection_devices(get_selection(session, selection_id=number))
         return list(session.scalars(query.where(Device.id.in_(ids))))

@@ -25,9 +25,19 @@ def api(db_url: str) -> tuple[TestClient, dict[Role, dict[str, str]], int, Any]:
     with sessions.begin() as session:
         site_id = make_fleet(session, IDS)
         store_content(session, 5)
-    headers = {role: make_user(sessions, role) for role in
-               (Role.admin, Role.coordinator, Role.ops, Role.installer)}
-    return TestClient(create_app(sessions)), headers, site_id, sessions
+    return TestClient(create_app(sessions)), Users(sessions), site_id, sessions
+
+
+class Users(dict[Role, dict[str, str]]):
+    """Authorization headers per role, each user made on first use (hashing is slow)."""
+
+    def __init__(self, sessions: Any) -> None:
+        super().__init__()
+        self.sessions = sessions
+
+    def __missing__(self, role: Role) -> dict[str, str]:
+        self[role] = make_user(self.sessions, role)
+        return self[role]
 
 
 def test_create_read_pause_resume_abort(api: tuple[TestClient, dict[Role, dict[str, str]],
@@ -80,6 +90,7 @@ def test_roles(api: tuple[TestClient, dict[Role, dict[str, str]], int, Any]) -> 
     ({"target_kind": "galaxy"}, 422, "target_kind"),
     ({"target_ref": "999"}, 404, "site 999 does not exist"),
     ({"target_ref": "lobby"}, 422, "numeric id"),
+    ({"target_ref": "99999999999999"}, 422, "numeric id"),
     ({"waves": [50]}, 422, "last wave must be 100"),
     ({"waves": [60, 40, 100]}, 422, "strictly increasing"),
     ({"canary": ["pt-00000000ffff"]}, 422, "not in the rollout's target"),
