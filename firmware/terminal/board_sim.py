@@ -168,11 +168,13 @@ class SimBoard:
         self.screen = list(lines)
         if self._fb is not None:
             render(self._fb, self.display_width, self.display_height, self.screen)
+        else:
+            self.framebuffer = None  # CPython draws no text: never leave a stale bitmap
         self.emit("screen", self.screen)
 
     def blit(self, bitmap, label):
         """Show a whole MONO_VLSB screen (a content package's bitmap); ``label`` names it."""
-        if self.framebuffer is None or len(self.framebuffer) != len(bitmap):
+        if self.framebuffer is None:
             self.framebuffer = bytearray(len(bitmap))  # CPython: keep the bytes anyway
         self.framebuffer[:] = bitmap
         self.screen = [label]

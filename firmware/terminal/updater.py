@@ -211,6 +211,7 @@ class Updater:
             self.store.discard()
         self._hash = None
         self._chunk = None
+        self._got.set()  # a fetch waiting for this job's chunk gives up at once
 
     def reported(self):
         """The ``reported`` payload (docs/content.md)."""

@@ -333,3 +333,26 @@ def test_link_down_does_not_count_as_fetch_failures_and_reconnect_re_asks():
             await asyncio.sleep(0)
 
     asyncio.run(main())
+
+
+def test_a_newer_desired_replaces_the_download_in_progress():
+    async def main():
+        old, new = simple_package(3), simple_package(4, languages=("en",))
+        updater, wire, store, applied = make(timeout=30)  # no test waits for a timeout
+        updater.on_desired(desired(old, 3))
+
+        async def peer():
+            await wire.next("fetch")
+            updater.on_chunk(chunk_bytes(3, 0, old[:1000]))
+            await wire.next("fetch")  # offset 1000 of version 3: never answered
+            updater.on_desired(desired(new, 4))  # wakes the waiting fetch at once
+            await serve(wire, updater, new, 4)
+
+        body = await run_until(updater, wire, wire.state("applied"), peer())
+        assert body["version"] == 4 and [c.version for c in applied] == [4]
+        with open(store.bin_path, "rb") as f:
+            assert f.read() == new
+        fetched = [(r["version"], r["offset"]) for r in wire.all("fetch")]
+        assert fetched[:3] == [(3, 0), (3, 1000), (4, 0)], fetched
+
+    asyncio.run(main())
