@@ -356,3 +356,28 @@ def test_a_newer_desired_replaces_the_download_in_progress():
         assert fetched[:3] == [(3, 0), (3, 1000), (4, 0)], fetched
 
     asyncio.run(main())
+
+
+def test_signature_check_lets_other_tasks_run():
+    async def main():
+        from terminal.updater import _verify
+
+        public, sign = keypair()
+        message = signed_message(3, 4242, b"\x07" * 32)
+        turns = [0]
+        done = [False]
+
+        async def other():  # stands for the button and uploader tasks
+            while not done[0]:
+                turns[0] += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        ok = await _verify(public, message, sign(message))
+        done[0] = True
+        await task
+        assert ok and turns[0] >= 16, turns  # the scalar loop yields every 16 of 256 bits
+        assert not await _verify(public, message + b"!", sign(message))
+
+    asyncio.run(main())
