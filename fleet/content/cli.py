@@ -9,14 +9,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def _fail(message: str) -> int:
     print(f"palaute content: {message}", file=sys.stderr)
     return 2
+
+
+@contextmanager
+def _session(db_url: str) -> Iterator[Session]:
+    """A session on ``PALAUTE_DB_URL`` whose engine is closed afterwards."""
+    from fleet.db.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -46,7 +65,6 @@ def cmd_create(args: argparse.Namespace) -> int:
     from fleet.cli import _settings
     from fleet.content import service, signing
     from fleet.content.body import ContentBody
-    from fleet.db.engine import make_engine, make_sessionmaker
     from fleet.services.registry import RegistryError
 
     try:
@@ -62,17 +80,13 @@ def cmd_create(args: argparse.Namespace) -> int:
         key = signing.load_configured_key(settings.content_key_file)
     except signing.ContentKeyError as exc:
         return _fail(str(exc))
-    engine = make_engine(settings.db_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            try:
-                row = service.create_content(session, body, key=key, user=None)
-            except RegistryError as exc:
-                return _fail(f"{args.file}: {exc}")
-            session.commit()
-            print(f"created content version {row.version}")
-    finally:
-        engine.dispose()
+    with _session(settings.db_url) as session:
+        try:
+            row = service.create_content(session, body, key=key, user=None)
+        except RegistryError as exc:
+            return _fail(f"{args.file}: {exc}")
+        session.commit()
+        print(f"created content version {row.version}")
     return 0
 
 
@@ -80,23 +94,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print content versions, newest first."""
     from fleet.cli import _settings
     from fleet.content import service
-    from fleet.db.engine import make_engine, make_sessionmaker
 
-    engine = make_engine(_settings().db_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            rows, total = service.list_content(session, 0, args.limit)
-            print("version\tcreated_utc\tlanguages\tname")
-            for row in rows:
-                languages = ",".join(json.loads(row.body)["languages"])
-                created = _utc(row.created_ms)
-                print(f"{row.version}\t{created}\t{languages}\t{row.name}")
-            if total > len(rows):
-                print(f"({total - len(rows)} older versions not shown; --limit N)",
-                      file=sys.stderr)
-    finally:
-        engine.dispose()
+    with _session(_settings().db_url) as session:
+        rows, total = service.list_content(session, 0, args.limit)
+    print("version\tcreated_utc\tlanguages\tname")
+    for row in rows:
+        languages = ",".join(json.loads(row.body)["languages"])
+        print(f"{row.version}\t{_utc(row.created_ms)}\t{languages}\t{row.name}")
+    if total > len(rows):
+        print(f"({total - len(rows)} older versions not shown; --limit N)", file=sys.stderr)
     return 0
+
+
+def _limit(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 500:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number from 1 to 500")
+    return number
 
 
 def _utc(ms: int) -> str:
@@ -110,31 +127,26 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from fleet.cli import _settings
     from fleet.content import service
     from fleet.content.package import DISPLAYS, SCREENS
-    from fleet.db.engine import make_engine, make_sessionmaker
     from fleet.services.registry import RegistryError
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"cannot create {args.out}: {exc.strerror}")
-    engine = make_engine(_settings().db_url)
     written = 0
-    try:
-        with make_sessionmaker(engine)() as session:
-            try:
-                languages = json.loads(service.get_content(session, args.version).body)
-            except RegistryError as exc:
-                return _fail(f"{exc}; `palaute content list` shows the versions")
-            for display in DISPLAYS:
-                for screen in SCREENS:
-                    for language in languages["languages"]:
-                        shown = service.preview(session, args.version, display, screen,
-                                                language, args.scale)
-                        name = f"content-{args.version}-{display}-{screen}-{language}.png"
-                        (args.out / name).write_bytes(shown.png)
-                        written += 1
-    finally:
-        engine.dispose()
+    with _session(_settings().db_url) as session:
+        try:
+            languages = json.loads(service.get_content(session, args.version).body)
+        except RegistryError as exc:
+            return _fail(f"{exc}; `palaute content list` shows the versions")
+        for display in DISPLAYS:
+            for screen in SCREENS:
+                for language in languages["languages"]:
+                    shown = service.preview(session, args.version, display, screen,
+                                            language, args.scale)
+                    name = f"content-{args.version}-{display}-{screen}-{language}.png"
+                    (args.out / name).write_bytes(shown.png)
+                    written += 1
     print(f"wrote {written} PNG files to {args.out}")
     return 0
 
@@ -156,7 +168,7 @@ def add_content_parser(
     create.add_argument("--file", type=Path, required=True, metavar="BODY.json")
     create.set_defaults(func=cmd_create)
     listing = sub.add_parser("list", help="list versions, newest first")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_limit, default=50, help="1..500 (default 50)")
     listing.set_defaults(func=cmd_list)
     preview = sub.add_parser("preview", help="write every screen of a version as PNG")
     preview.add_argument("version", type=int)

@@ -39,7 +39,6 @@ from fleet.services.registry import DAYS, Conflict, Invalid, NotFound
 
 TZ_HORIZON_DAYS = 400  # docs/content.md: transitions cover at least the next 400 days
 HEADER_MAX = 4096  # firmware/terminal/content.py refuses longer headers as bad_package
-MAX_CHUNK = 4096
 
 
 def _minute(hhmm: str) -> int:
@@ -207,7 +206,7 @@ def list_content(session: Session, offset: int, limit: int) -> tuple[list[Conten
 def get_package(session: Session, version: int, display: str) -> ContentPackage:
     """The stored package of ``version`` for ``display`` (``128x64``); ``NotFound`` if none.
 
-    The rollouts service reads ``desired`` fields and ``chunk`` bytes from it.
+    ``fleet/protocol/v1.py`` encodes ``desired`` and ``chunk`` messages from these rows.
     """
     try:
         parse_display(display)
@@ -218,12 +217,6 @@ def get_package(session: Session, version: int, display: str) -> ContentPackage:
         get_content(session, version)
         raise NotFound(f"content version {version} has no {display} package")
     return row
-
-
-def desired_document(package: ContentPackage, chunk: int = MAX_CHUNK) -> dict[str, Any]:
-    """The retained ``desired`` payload announcing ``package`` (docs/content.md, Topics)."""
-    return {"version": package.version, "size": package.size, "sha256": package.sha256,
-            "sig": package.signature, "chunk": min(chunk, MAX_CHUNK)}
 
 
 @dataclass(frozen=True)

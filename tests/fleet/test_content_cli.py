@@ -96,6 +96,14 @@ def test_errors_are_one_line_and_exit_2(env: Path, capsys: pytest.CaptureFixture
     assert err.startswith("palaute content: ") and err.count("\n") == 1 and needle in err
 
 
+def test_list_limit_must_be_1_to_500(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("0", "-1", "x", "501"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["content", "list", "--limit", bad])
+        assert exit_info.value.code == 2
+        assert "is not a number from 1 to 500" in capsys.readouterr().err
+
+
 def test_create_without_a_key_says_how_to_make_one(
         env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     body = env / "body.json"
