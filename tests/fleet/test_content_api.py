@@ -255,3 +255,54 @@ def test_without_a_usable_key_creation_is_unavailable(api: Api, tmp_path: Path) 
         response = api.client.post(V1 + "/content", headers=api.coordinator, json=BODY)
         assert response.status_code == 503 and needle in response.text
     assert api.call("GET", "/content", api.coordinator, 200).json()["total"] == 0
+
+
+def test_concurrent_creations_get_distinct_versions(db_url: str) -> None:
+    """Two creations that both read the same highest version: the second one's insert fails
+    on the primary key, and it takes the next number instead of failing or duplicating."""
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from sqlalchemy import event
+
+    from fleet.content import service
+    from fleet.content.body import ContentBody
+
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    barrier = threading.Barrier(2, timeout=30)
+    reads = {"n": 0}
+    lock = threading.Lock()
+
+    def hold_first_two_reads(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "max(content_versions.version)" in statement:
+            with lock:
+                reads["n"] += 1
+                first_two = reads["n"] <= 2
+            if first_two:
+                barrier.wait()  # both have read the same maximum before either inserts
+
+    event.listen(engine, "after_cursor_execute", hold_first_two_reads)
+    key = Ed25519PrivateKey.generate()
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def create(name: str) -> None:
+        try:
+            with sessions() as session:
+                body = ContentBody.model_validate(_body(name=name, hours=None))
+                results.append(service.create_content(session, body, key=key,
+                                                      user=None).version)
+                session.commit()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(f"c{n}",)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine.dispose()
+    assert not errors, errors
+    assert sorted(results) == [1, 2]
+    assert reads["n"] >= 3  # the loser read the maximum again
