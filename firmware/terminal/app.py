@@ -264,6 +264,7 @@ class Terminal:
             return
         self.test_mode = on
         self._activity = ticks_ms()
+        self._update_display()  # test mode always lights the display
         self._show_idle()
         self.board.emit("test_mode", on)
         self.notify_health()

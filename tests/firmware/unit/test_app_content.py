@@ -113,6 +113,10 @@ def test_outside_opening_hours_the_display_is_off_but_presses_count():
         assert [v[4] for v in rig.votes()] == [5]
         await rig.until(lambda: not rig.board.leds[1])
         await rig.until(lambda: rig.board.display_mode == "off")
+        rig.t.set_test_mode(True)  # an installer checking the buttons sees the screen
+        assert rig.board.display_mode == "on"
+        rig.t.set_test_mode(False)
+        assert rig.board.display_mode == "off"
         rig.board.set_time_ms(MONDAY_2024_UTC + 30000)  # inside the open minute
         assert rig.t.display_state() == ("on", 255)
         await rig.stop()
