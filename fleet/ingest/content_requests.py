@@ -7,6 +7,8 @@ an offset; the answer is one ``chunk`` of at most 4,096 bytes, cut from the stor
 Bad requests are refused, counted (``palaute_ingest_refused_total{reason}``) and logged:
 ``unknown_device``, ``unknown_version`` (no package of that version for that display),
 ``wrong_display`` (not the display of the device's board) and ``offset_out_of_range``.
+A timed-out device whose report shows it never received its ``desired`` (the broker lost
+it) gets that ``desired`` published again, retained.
 
 The worker validates these messages in its parser thread (:meth:`ContentRequests.parse`) and
 handles them in its writer thread after the batch's votes are committed
@@ -32,11 +34,12 @@ from fleet.protocol.v1 import (
     Reported,
     Topics,
     encode_chunk,
+    encode_desired,
     parse_fetch,
     parse_reported,
 )
 from fleet.rollouts.packages import PackageSource, SignedPackage, StoredPackages, display_of_board
-from fleet.rollouts.service import apply_reported
+from fleet.rollouts.service import apply_reported, desired_to_repeat
 
 log = logging.getLogger("palaute.ingest")
 
@@ -48,6 +51,8 @@ METRICS = (
     ("palaute_ingest_chunk_bytes_total", "Package bytes sent in chunks"),
     ("palaute_ingest_reported_changes_total",
      "Rollout entries changed by a device's reported message"),
+    ("palaute_ingest_desired_repeated_total",
+     "Retained desired published again to a device whose report showed it never got it"),
 )
 
 
@@ -60,10 +65,13 @@ class ContentRequests:
 
     def __init__(self, metrics: Metrics, publish: Callable[[str, bytes], object], *,
                  topics: Topics, max_payload: int,
-                 packages: PackageSource | None = None) -> None:
-        """``publish(topic, payload)`` sends a QoS 1 message (the worker's MQTT client)."""
+                 packages: PackageSource | None = None,
+                 publish_retained: Callable[[str, bytes], object] | None = None) -> None:
+        """``publish(topic, payload)`` sends a QoS 1 message, ``publish_retained`` a retained
+        one (both through the worker's MQTT client)."""
         self.metrics = metrics
         self.publish = publish
+        self.publish_retained = publish_retained or publish
         self.topics = topics
         self.max_payload = max_payload
         self.packages = packages or StoredPackages()
@@ -81,6 +89,7 @@ class ContentRequests:
                now: int) -> None:
         """Record reports and answer fetches, in one transaction; chunks go out after it."""
         chunks: list[tuple[str, bytes]] = []
+        retained: list[tuple[str, bytes]] = []
         changed = 0
         with sessions.begin() as session:
             ids = {m.device_id for m in messages}
@@ -92,15 +101,32 @@ class ContentRequests:
                     self._refuse(message, "unknown_device", "not in the registry, or retired")
                 elif isinstance(message, Reported):
                     changed += apply_reported(session, message, now) is not None
+                    repeat = desired_to_repeat(session, message)
+                    if repeat is not None:
+                        desired = self._desired(session, message.device_id, *repeat)
+                        if desired is not None:
+                            retained.append(desired)
                 else:
                     chunk = self._answer(session, message, boards[message.device_id])
                     if chunk is not None:
                         chunks.append(chunk)
+        # Counted before publishing, so a reader that has seen the message sees the count.
         self.metrics.inc("palaute_ingest_reported_changes_total", changed)
-        for topic, payload in chunks:
-            self.publish(topic, payload)
+        self.metrics.inc("palaute_ingest_desired_repeated_total", len(retained))
         self.metrics.inc("palaute_ingest_chunks_total", len(chunks))
         self.metrics.inc("palaute_ingest_chunk_bytes_total", sum(len(p) - 6 for _, p in chunks))
+        for topic, payload in retained:
+            self.publish_retained(topic, payload)
+        for topic, payload in chunks:
+            self.publish(topic, payload)
+
+    def _desired(self, session: Session, device_id: str, version: int,
+                 display: str) -> tuple[str, bytes] | None:
+        package = self._package(session, version, display)
+        if package is None:
+            return None
+        return (self.topics.device(device_id, "desired"),
+                encode_desired(version, len(package.data), package.sha256, package.sig))
 
     def _answer(self, session: Session, fetch: FetchRequest,
                 board: str) -> tuple[str, bytes] | None:

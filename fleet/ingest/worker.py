@@ -196,7 +196,9 @@ class IngestWorker:
         self.metrics.set("palaute_ingest_connected", 0)
         self.content = ContentRequests(
             self.metrics, lambda topic, payload: self._client.publish(topic, payload, qos=1),
-            topics=self.topics, max_payload=settings.ingest_max_payload)
+            topics=self.topics, max_payload=settings.ingest_max_payload,
+            publish_retained=lambda topic, payload: self._client.publish(
+                topic, payload, qos=1, retain=True))
 
     # -- MQTT callbacks (paho network thread) ---------------------------------------------
     def _filters(self) -> list[str]:

@@ -307,6 +307,32 @@ def abort_rollout(session: Session, *, rollout_id: int, actor: User | None = Non
 
 
 # --------------------------------------------------------------------------- reported
+def desired_to_repeat(session: Session, report: Reported) -> tuple[int, str] | None:
+    """``(version, display)`` of the ``desired`` a device should have but does not know of.
+
+    A device reports after every connect.  If its newest live entry timed out and the report
+    neither shows nor names that version, the retained ``desired`` never reached it (e.g.
+    the broker lost its retained messages in a restart without persistence), so the caller
+    publishes it again.  Only timed-out entries: right after a connect a device reports
+    before the retained ``desired`` arrives, and repeating it then would be noise (or undo
+    a deliberate change of ``desired`` made meanwhile).
+    """
+    entry = session.execute(
+        select(Rollout.content_version, RolloutDevice.display, RolloutDevice.state,
+               Rollout.state)
+        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+        .where(RolloutDevice.device_id == report.device_id,
+               RolloutDevice.state.notin_((S.superseded, S.pending)))
+        .order_by(RolloutDevice.rollout_id.desc()).limit(1)).first()
+    if entry is None:
+        return None
+    version, display, state, rollout_state = entry
+    if (rollout_state == RolloutState.aborted or state != S.timed_out
+            or version in (report.version, report.desired)):
+        return None
+    return version, display
+
+
 def apply_reported(session: Session, report: Reported, now: int) -> int | None:
     """Record what a device reports; return the id of the rollout entry it changed, if any.
 

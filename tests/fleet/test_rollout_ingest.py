@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from fleet.config import Settings
-from fleet.db.models import Device
+from fleet.db.models import Device, RolloutDevice, RolloutDeviceState
 from fleet.ingest.worker import IngestWorker
 from fleet.rollouts import service
 from fleet.rollouts.engine import RolloutEngine
@@ -23,7 +23,13 @@ from fleet.rollouts.packages import StoredPackages
 from fleet.rollouts.runner import BrokerPublisher
 from fleet.rollouts.service import RolloutPlan
 from fleet.services.clock import now_ms
-from tests.fleet.rollout_helpers import device_ids, make_fleet, sessions_for, store_content
+from tests.fleet.rollout_helpers import (
+    Watcher,
+    device_ids,
+    make_fleet,
+    sessions_for,
+    store_content,
+)
 from tests.services.common import wait_until
 from tests.services.mosquitto import MosquittoBroker
 
@@ -167,3 +173,42 @@ def test_reported_updates_the_device_and_its_rollout_entry(
                    "unknown device counted")
     finally:
         unknown.close()
+
+
+def test_a_timed_out_device_that_never_got_desired_gets_it_again(
+        mosquitto: MosquittoBroker, db_url: str,
+        setup: tuple[IngestWorker, int, bytes]) -> None:
+    worker, rollout_id, package = setup
+    sessions = sessions_for(db_url)
+    with sessions.begin() as session:
+        session.execute(update(RolloutDevice).where(RolloutDevice.device_id == IDS[0])
+                        .values(state=RolloutDeviceState.timed_out))
+    # As after a broker restart without persistence: the retained desired is gone.
+    lost = Terminal(mosquitto, IDS[0])
+    lost.client.publish(f"fb/v1/d/{IDS[0]}/desired", b"", qos=1,
+                        retain=True).wait_for_publish(10)
+    watcher = Watcher(mosquitto)
+
+    def marker(topic: str, payload: bytes, **_: object) -> None:
+        lost.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    try:
+        watcher.since(marker)  # the other devices' retained desired, delivered on subscribe
+        lost.send("reported", {"version": 1, "state": "applied"})  # knows of no desired
+        topic, payload, _ = watcher.take(1, timeout=15)[0]
+        assert topic == f"fb/v1/d/{IDS[0]}/desired"
+        document = json.loads(payload)
+        assert (document["version"], document["size"]) == (4, len(package))
+        assert worker.metrics.get("palaute_ingest_desired_repeated_total") == 1
+        # A device that knows of its desired (it names it) is not sent it again.
+        lost.send("reported", {"version": 1, "state": "refused", "desired": 4,
+                               "reason": "fetch_timeout"})
+        def refused() -> bool:
+            with sessions() as session:
+                return any(r.state == RolloutDeviceState.refused
+                           for r in service.rollout_devices(session, rollout_id))
+        wait_until(refused, 15, "refusal stored")
+        assert watcher.since(marker) == []
+    finally:
+        watcher.close()
+        lost.close()
