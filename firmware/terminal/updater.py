@@ -12,15 +12,12 @@ rename (``ContentStore.commit``).
 """
 
 import asyncio
-import hashlib
 import json
-import sys
 
-from terminal.content import VERSION_MAX, PackageError
+from terminal.content import VERSION_MAX, unload
 
 CHUNK_MAX = 4096  # protocol limit on chunk payload bytes
 FAILURES_MAX = 5  # fetches in a row without the chunk asked for: refuse with fetch_timeout
-SIGNED_PREFIX = b"palaute-content\x00"
 # Refusals of the package itself: a re-delivered ``desired`` for the same package (after
 # every reconnect, it is retained) is not downloaded again.
 FINAL_REASONS = ("sha256_mismatch", "bad_signature", "bad_package", "wrong_display",
@@ -39,12 +36,6 @@ def _hex_bytes(text, n):
     if not isinstance(text, str) or len(text) != 2 * n or not all(c in _HEX for c in text):
         return None
     return bytes(int(text[i:i + 2], 16) for i in range(0, 2 * n, 2))
-
-
-def signed_message(version, size, digest):
-    """The 54 bytes the fleet signs: tag, u16le version, u32le size, sha256 of the package."""
-    return (SIGNED_PREFIX + version.to_bytes(2, "little") + size.to_bytes(4, "little")
-            + bytes(digest))
 
 
 def parse_desired(payload):
@@ -74,23 +65,6 @@ def parse_desired(payload):
     return data
 
 
-async def _verify(key, message, signature):
-    """Ed25519 check with the verifier imported for this call only (its tables are freed)."""
-    from terminal import ed25519
-
-    result = False
-    try:
-        for result in ed25519.verify_steps(key, message, signature):
-            if result is None:
-                await asyncio.sleep(0)
-    finally:
-        sys.modules.pop("terminal.ed25519", None)
-        package = sys.modules.get("terminal")
-        if package is not None and hasattr(package, "ed25519"):
-            delattr(package, "ed25519")
-    return bool(result)
-
-
 class Updater:
     """Content update state for one terminal.
 
@@ -118,16 +92,16 @@ class Updater:
         if store.boot_error is not None:  # content.bin unusable: showing the default
             self.state = "refused"
             self.reason = store.boot_error.split(":")[0]
-        self._job = None  # the desired dict being downloaded
+        self.job = None  # the desired dict being downloaded
         # (version, sha256, sig) of the last desired refused for good: the same desired again
         # is refused again without a download; a corrected signature is tried afresh.
         self._refused = None
-        self._file = None
-        self._hash = None
-        self._offset = 0
-        self._failures = 0
-        self._chunk = None  # the latest chunk payload, handled by the task
-        self._got = asyncio.Event()  # a chunk arrived or the link came back
+        self.file = None
+        self.hasher = None
+        self.offset = 0
+        self.failures = 0
+        self.chunk_in = None  # the latest chunk payload, handled by the task
+        self.got = asyncio.Event()  # a chunk arrived or the link came back
         self._wake = asyncio.Event()
         self._report_due = True
         self.reports = 0
@@ -139,79 +113,81 @@ class Updater:
             job = parse_desired(payload)
         except ValueError as exc:
             self.emit("bad_desired", str(exc))
-            self._abandon()
-            self._set("refused", "bad_package", None)
+            self.abandon()
+            self.set_state("refused", "bad_package", None)
             return
         if job is None:
-            self._abandon()
-            self._set("applied", None, None)
+            self.abandon()
+            self.set_state("applied", None, None)
             return
         version = job["version"]
-        current = self._job
+        current = self.job
         if (current is not None and current["version"] == version
                 and current["sha256"] == job["sha256"]):
             self._report_due = True  # the same download, redelivered: keep going
             self._wake.set()
             return
-        self._abandon()
+        self.abandon()
         shown = self.store.version
         if version == shown:
-            self._set("applied", None, version)
+            self.set_state("applied", None, version)
         elif version < shown:
-            self._set("refused", "downgrade", version)
+            self.set_state("refused", "downgrade", version)
         elif job["size"] > self.max_bytes or job["chunk"] > CHUNK_MAX:
-            self._set("refused", "too_large", version)
+            self.set_state("refused", "too_large", version)
         elif self.key is None:
-            self._set("refused", "no_key", version)
+            self.set_state("refused", "no_key", version)
         elif (self._refused == (version, job["sha256"], job["sig"])
               and self.desired == version):
             self._report_due = True  # refused this very package already: say so again
             self._wake.set()
         else:
-            self._job = job
-            self._offset = 0
-            self._failures = 0
-            self._set("downloading", None, version)
+            self.job = job
+            self.offset = 0
+            self.failures = 0
+            self.set_state("downloading", None, version)
 
     def on_chunk(self, payload):
         """Handle a ``chunk`` message: keep it for the task (older ones are superseded)."""
-        self._chunk = payload
-        self._got.set()
+        self.chunk_in = payload
+        self.got.set()
 
     def link_up(self):
         """The link is (re)connected: report again and re-ask the chunk in flight at once."""
         self._report_due = True
-        self._got.set()
+        self.got.set()
         self._wake.set()
 
     # -- state ---------------------------------------------------------------------------------
-    def _refuse(self, job, reason):
+    def refuse(self, job, reason):
         """Give up on ``job`` with ``reason``; a package refused for good stays refused."""
         if reason in FINAL_REASONS:
             self._refused = (job["version"], job["sha256"], job["sig"])
-        self._abandon()
-        self._set("refused", reason, job["version"])
+        self.abandon()
+        self.set_state("refused", reason, job["version"])
 
-    def _set(self, state, reason, desired):
+    def set_state(self, state, reason, desired):
+        """Change the reported state (and report it soon)."""
         self.state = state
         self.reason = reason
         self.desired = desired
         self._report_due = True
         self._wake.set()
 
-    def _abandon(self):
-        if self._file is not None:
+    def abandon(self):
+        """Drop the download in progress, if any, and its ``content.tmp``."""
+        if self.file is not None:
             try:
-                self._file.close()
+                self.file.close()
             except OSError:
                 pass
-            self._file = None
-        if self._job is not None:
-            self._job = None
+            self.file = None
+        if self.job is not None:
+            self.job = None
             self.store.discard()
-        self._hash = None
-        self._chunk = None
-        self._got.set()  # a fetch waiting for this job's chunk gives up at once
+        self.hasher = None
+        self.chunk_in = None
+        self.got.set()  # a fetch waiting for this job's chunk gives up at once
 
     def reported(self):
         """The ``reported`` payload (docs/content.md)."""
@@ -239,107 +215,13 @@ class Updater:
                     self._report_due = True
                     await asyncio.sleep(1)
                 continue
-            if self._job is not None:
-                await self._fetch_one(self._job)
+            job = self.job
+            if job is not None:
+                # The download code is loaded only while there is something to download.
+                from terminal import download
+
+                await download.fetch_one(self, job)
+                if self.job is None:
+                    unload("terminal.download")
                 continue
             await self._wake.wait()
-
-    async def _fetch_one(self, job):
-        """Ask for the chunk at the current offset and handle the answer or the timeout."""
-        version = job["version"]
-        request = json.dumps({"version": version, "offset": self._offset,
-                              "display": self.display}).encode()
-        self._got.clear()
-        self._chunk = None
-        try:
-            await self.publish(self.prefix + "fetch", request, 1, False)
-        except OSError:
-            return  # link down: run() waits for it and asks again
-        self.emit("fetch", self._offset)
-        try:
-            await asyncio.wait_for(self._wait_chunk(job), self.fetch_timeout_s)
-        except asyncio.TimeoutError:
-            if self._job is job and self.up.is_set():
-                self._failures += 1
-                if self._failures >= FAILURES_MAX:
-                    self._refuse(job, "fetch_timeout")
-            return
-        if self._job is not job:
-            return  # replaced by a newer desired while we waited
-        data = self._chunk
-        self._chunk = None
-        if data is None:
-            return  # woken by link_up: ask again
-        try:
-            self._write(job, data)
-        except OSError:
-            self._refuse(job, "storage_error")
-            return
-        self._failures = 0
-        if self._offset == job["size"]:
-            await self._finish(job)
-
-    async def _wait_chunk(self, job):
-        while True:
-            await self._got.wait()
-            self._got.clear()
-            data = self._chunk
-            if data is None or self._job is not job:
-                return  # link came back or the job changed: the caller decides
-            if self._matches(job, data):
-                return
-            self._chunk = None  # a stale or duplicate chunk: keep waiting for ours
-
-    def _matches(self, job, data):
-        if len(data) < 7:
-            return False
-        version = data[0] | data[1] << 8
-        offset = int.from_bytes(data[2:6], "little")
-        n = len(data) - 6
-        return (version == job["version"] and offset == self._offset
-                and n <= job["chunk"] and self._offset + n <= job["size"])
-
-    def _write(self, job, data):
-        f = self._file
-        h = self._hash
-        if f is None or h is None:
-            # Open for the whole download, closed in _finish/_abandon: not a with-block.
-            f = self._file = open(self.store.tmp_path, "wb")  # noqa: SIM115
-            h = self._hash = hashlib.sha256()
-        body = memoryview(data)[6:]
-        f.write(body)
-        h.update(body)
-        self._offset += len(body)
-
-    async def _finish(self, job):
-        version = job["version"]
-        f = self._file
-        h = self._hash
-        self._file = self._hash = None
-        if f is None or h is None:
-            return
-        f.close()
-        digest = h.digest()
-        if digest != job["sha256"]:
-            self._refuse(job, "sha256_mismatch")
-            return
-        message = signed_message(version, job["size"], digest)
-        ok = await _verify(self.key, message, job["sig"])
-        if self._job is not job:
-            return  # replaced while verifying
-        if not ok:
-            self._refuse(job, "bad_signature")
-            return
-        try:
-            content = self.store.commit()
-        except PackageError as exc:
-            self.emit("bad_package", str(exc))
-            self._refuse(job, exc.reason)
-            return
-        except OSError:
-            self._refuse(job, "storage_error")
-            return
-        self._job = None
-        if self.on_applied is not None:
-            self.on_applied(content)
-        self._set("applied", None, version)

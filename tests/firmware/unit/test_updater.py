@@ -13,7 +13,8 @@ import sys
 
 from _support import ed25519_keypair, simple_package, tempdir
 from terminal.content import ContentStore
-from terminal.updater import FAILURES_MAX, Updater, parse_desired, parse_key, signed_message
+from terminal.download import signed_message
+from terminal.updater import FAILURES_MAX, Updater, parse_desired, parse_key
 
 PREFIX = "fb/v1/d/pt-0123456789ab/"
 _keys = {}
@@ -145,7 +146,8 @@ def test_download_verifies_applies_and_reports():
         assert store.version == 3 and [c.version for c in applied] == [3]
         with open(store.bin_path, "rb") as f:
             assert f.read() == package
-        assert "terminal.ed25519" not in sys.modules  # the verifier was let go
+        for rare in ("terminal.ed25519", "terminal.download", "terminal.package"):
+            assert rare not in sys.modules, rare  # loaded for the update, then let go
         for topic, _, qos, retain in wire.sent:
             assert (qos, retain) == ((1, True) if topic == "reported" else (1, False))
 
@@ -360,7 +362,7 @@ def test_a_newer_desired_replaces_the_download_in_progress():
 
 def test_signature_check_lets_other_tasks_run():
     async def main():
-        from terminal.updater import _verify
+        from terminal.download import verify
 
         public, sign = keypair()
         message = signed_message(3, 4242, b"\x07" * 32)
@@ -374,10 +376,10 @@ def test_signature_check_lets_other_tasks_run():
 
         task = asyncio.create_task(other())
         await asyncio.sleep(0)
-        ok = await _verify(public, message, sign(message))
+        ok = await verify(public, message, sign(message))
         done[0] = True
         await task
         assert ok and turns[0] >= 16, turns  # the scalar loop yields every 16 of 256 bits
-        assert not await _verify(public, message + b"!", sign(message))
+        assert not await verify(public, message + b"!", sign(message))
 
     asyncio.run(main())
