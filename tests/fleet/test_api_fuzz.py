@@ -26,10 +26,12 @@ from fleet.db.engine import make_engine
 from fleet.db.migrate import upgrade
 from fleet.db.models import Role, User
 from fleet.protocol.v1 import Vote, VoteBatch
+from fleet.rollouts import service as rollouts
 from fleet.services import registry
 from fleet.services.auth import create_api_token, create_user
 from fleet.services.votes import store_batches
 from tests.fleet.auth_helpers import PASSWORD
+from tests.fleet.rollout_helpers import store_content
 
 MAX_EXAMPLES = 15
 
@@ -67,6 +69,9 @@ def fuzz_db(tmp_path: Path) -> Iterator[None]:
         store_batches(session, [VoteBatch("pt-000000000001", (Vote(1, 1_000, 1, 0, 0),))],
                       received_ms=2_000)
         create_user(session, email=ADMIN_EMAIL, password=PASSWORD, role=Role.admin)
+        # Content version 1 and a selection, so generated rollouts can be created and changed.
+        store_content(session, 1)
+        rollouts.create_selection(session, name="fuzz", device_ids=["pt-000000000001"])
     yield
     SESSIONS.configure(bind=None)
     engine.dispose()
