@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,10 +40,11 @@ S = RolloutDeviceState
 
 
 class Publisher(Protocol):
-    """Publishes one MQTT message and returns once the broker has it (QoS 1)."""
+    """Publishes MQTT messages and returns once the broker has them all (QoS 1)."""
 
-    def __call__(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        """Publish; raise on failure (the tick's transaction is then rolled back)."""
+    def publish_all(self, messages: Sequence[tuple[str, bytes]], *, retain: bool) -> None:
+        """Publish ``(topic, payload)`` pairs; raise on failure (the tick's transaction is
+        then rolled back)."""
 
 
 @dataclass
@@ -178,28 +180,28 @@ class RolloutEngine:
             .values(current_wave=wave, updated_ms=now))
         if won.rowcount != 1:  # type: ignore[attr-defined]
             return  # another process started it, or a user paused it meanwhile
-        rows = session.execute(
-            select(RolloutDevice.device_id, RolloutDevice.display, Device.online)
-            .join(Device, Device.id == RolloutDevice.device_id)
-            .where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave <= wave,
+        # Set-based: the won update above holds the rollout's row lock until commit, so no
+        # other tick changes these entries meanwhile.
+        pending = (RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave <= wave,
                    RolloutDevice.state == S.pending)
-            .order_by(RolloutDevice.device_id)).all()
+        rows = session.execute(select(RolloutDevice.device_id, RolloutDevice.display)
+                               .where(*pending).order_by(RolloutDevice.device_id)).all()
         payloads: dict[str, bytes] = {}
-        for device_id, display, online in rows:
-            if display not in payloads:
-                package = self.packages.package(session, rollout.content_version, display)
-                if package is None:
-                    raise LookupError(f"content version {rollout.content_version} lost its "
-                                      f"{display} package")
-                payloads[display] = encode_desired(package.version, len(package.data),
-                                                   package.sha256, package.sig, MAX_CHUNK)
-            session.execute(update(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout.id, RolloutDevice.device_id == device_id,
-                RolloutDevice.state == S.pending).values(
-                state=S.delivered if online else S.offline,
-                started_ms=now if online else None, updated_ms=now))
-            self.publish(self.topics.device(device_id, "desired"), payloads[display], retain=True)
-            result.published += 1
+        for display in sorted({display for _, display in rows}):
+            package = self.packages.package(session, rollout.content_version, display)
+            if package is None:
+                raise LookupError(f"content version {rollout.content_version} lost its "
+                                  f"{display} package")
+            payloads[display] = encode_desired(package.version, len(package.data),
+                                               package.sha256, package.sig, MAX_CHUNK)
+        session.execute(update(RolloutDevice).where(
+            *pending, RolloutDevice.device_id.in_(select(Device.id).where(Device.online)))
+            .values(state=S.delivered, started_ms=now, updated_ms=now))
+        session.execute(update(RolloutDevice).where(*pending)
+                        .values(state=S.offline, started_ms=None, updated_ms=now))
+        self.publish.publish_all([(self.topics.device(device_id, "desired"), payloads[display])
+                                  for device_id, display in rows], retain=True)
+        result.published += len(rows)
         result.waves_started.append((rollout.id, wave))
         log.info("rollout %d: wave %d started (%d devices)", rollout.id, wave, len(rows))
 
@@ -208,12 +210,13 @@ class RolloutEngine:
             Rollout.id == rollout.id, Rollout.cleared_ms.is_(None)).values(cleared_ms=now))
         if won.rowcount != 1:  # type: ignore[attr-defined]
             return
-        devices = session.scalars(select(RolloutDevice.device_id).where(
+        devices = list(session.scalars(select(RolloutDevice.device_id).where(
             RolloutDevice.rollout_id == rollout.id,
-            RolloutDevice.state.in_((S.offline, S.delivered, S.timed_out, S.refused))))
-        for device_id in devices:
-            self.publish(self.topics.device(device_id, "desired"), b"", retain=True)
-            result.cleared += 1
+            RolloutDevice.state.in_((S.offline, S.delivered, S.timed_out, S.refused)))
+            .order_by(RolloutDevice.device_id)))
+        self.publish.publish_all([(self.topics.device(d, "desired"), b"") for d in devices],
+                                 retain=True)
+        result.cleared += len(devices)
 
 
 def waves_of(rollout: Rollout) -> list[int]:

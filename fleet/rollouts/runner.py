@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -36,6 +38,8 @@ class BrokerPublisher:
                                    protocol=mqtt.MQTTv311)
         if self._target.username:
             self._client.username_pw_set(self._target.username, self._target.password)
+        # A wave publishes many messages at once; let more than paho's default 20 be in flight.
+        self._client.max_inflight_messages_set(1000)
         self.connected = threading.Event()
         self._client.on_connect = lambda *_args: self.connected.set()
         self._client.on_disconnect = lambda *_args: self.connected.clear()
@@ -46,12 +50,20 @@ class BrokerPublisher:
         self._client.loop_start()
 
     def __call__(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        """Publish and wait until the broker has the message; raise if it does not."""
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(self.timeout_s)
-        if not info.is_published():
-            raise ConnectionError(f"the broker did not acknowledge {topic} within "
-                                  f"{self.timeout_s:.0f}s")
+        """Publish one message and wait until the broker has it; raise if it does not."""
+        self.publish_all([(topic, payload)], retain=retain)
+
+    def publish_all(self, messages: Sequence[tuple[str, bytes]], *, retain: bool) -> None:
+        """Publish every ``(topic, payload)``, then wait until the broker acknowledged them
+        all (in flight together, so a wave of thousands costs round trips once, not each);
+        raise ConnectionError if it does not within the timeout."""
+        infos = [(topic, self._client.publish(topic, payload, qos=1, retain=retain))
+                 for topic, payload in messages]
+        deadline = time.monotonic() + self.timeout_s + len(messages) / 1000
+        for topic, info in infos:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                raise ConnectionError(f"the broker did not acknowledge {topic} in time")
 
     def stop(self) -> None:
         """Disconnect."""

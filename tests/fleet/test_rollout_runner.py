@@ -22,6 +22,7 @@ from tests.fleet.rollout_helpers import (
     sessions_for,
     store_content,
 )
+from tests.services.common import wait_until
 from tests.services.mosquitto import MosquittoBroker
 
 pytestmark = pytest.mark.mosquitto
@@ -51,8 +52,11 @@ def test_the_engine_process_delivers_and_stops_on_sigterm(
         got = sorted(desired_of(m) for m in watcher.take(3, timeout=30))
         assert [d for d, _ in got] == ids
         assert all(doc is not None and doc["version"] == 7 for _, doc in got)
-        with sessions() as session:
-            assert service.rollout_counts(session, rollout_id).total == {"delivered": 3}
+        # desired goes out before the engine commits: the database follows a moment later.
+        def delivered() -> bool:
+            with sessions() as session:
+                return service.rollout_counts(session, rollout_id).total == {"delivered": 3}
+        wait_until(delivered, 15, "the wave to be committed")
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
