@@ -71,6 +71,7 @@ async def fetch_one(u, job):
     if u.offset == job["size"]:
         await _finish(u, job)
 
+
 async def _wait_chunk(u, job):
     while True:
         await u.got.wait()
@@ -82,6 +83,7 @@ async def _wait_chunk(u, job):
             return
         u.chunk_in = None  # a stale or duplicate chunk: keep waiting for ours
 
+
 def _matches(u, job, data):
     if len(data) < 7:
         return False
@@ -90,6 +92,7 @@ def _matches(u, job, data):
     n = len(data) - 6
     return (version == job["version"] and offset == u.offset
             and n <= job["chunk"] and u.offset + n <= job["size"])
+
 
 def _write(u, job, data):
     f = u.file
@@ -102,6 +105,7 @@ def _write(u, job, data):
     f.write(body)
     h.update(body)
     u.offset += len(body)
+
 
 async def _finish(u, job):
     version = job["version"]

@@ -8,7 +8,8 @@ callbacks only store the message and wake the task; nothing here blocks button h
 the signature check yields to the event loop every few bits.
 
 Content is applied only after size, SHA-256, signature and header checks pass, by one atomic
-rename (``ContentStore.commit``).
+rename (``ContentStore.commit``).  The download itself is ``terminal.download``, loaded only
+while there is something to download.
 """
 
 import asyncio
