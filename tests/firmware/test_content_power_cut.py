@@ -12,42 +12,17 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 from terminal.content import load
 
+from tests.firmware.power_cut import run_and_kill
 from tests.services.micropython import micropython_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SWAPPER = Path(__file__).parent / "mp_scripts" / "content_swapper.py"
 RUNS = 40
-
-
-def run_and_kill(cmd: list[str], env: dict[str, str], lines_before_kill: int) -> list[str]:
-    """Start the swapper, SIGKILL it after ``lines_before_kill`` lines; return all lines."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[str] = []
-    try:
-        while len(lines) < lines_before_kill:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        proc.send_signal(signal.SIGKILL)
-        lines.extend(proc.stdout.readlines())
-        err = proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, f"swapper died on its own: {err}"
-    return [line for line in lines if line.endswith("\n")]
 
 
 @pytest.mark.micropython
