@@ -276,13 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     create_token.add_argument("--name", required=True, help="where it is used")
     create_token.set_defaults(func=cmd_create_token)
 
+    from fleet.content.cli import add_content_parser
     from fleet.firmware_bundle import add_firmware_parser
     from fleet.pinmaps import add_hardware_parser
     from fleet.reports_cli import add_report_parser
+    from fleet.rollouts.cli import add_rollout_parser
 
     add_hardware_parser(sub)
     add_firmware_parser(sub)
     add_report_parser(sub)
+    add_rollout_parser(sub)
+    add_content_parser(sub)
 
     from fleet.broker.cli import add_broker_parser
 

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     influx_org: str = "palaute"
     influx_bucket: str = "palaute"
 
+    # Raw 32-byte Ed25519 seed (mode 0600) that signs content packages; terminals hold its
+    # public key.  `palaute content keygen --out FILE` makes one (docs/content.md).
+    content_key_file: str = ""
+
+    # `palaute rollout run` advances rollouts this often (docs/operations.md).
+    rollout_tick_s: float = Field(default=5.0, gt=0, le=3600)
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 

@@ -3,6 +3,10 @@
 #   mosquitto, mosquitto-clients  the MQTT broker and mosquitto_pub/mosquitto_passwd
 #   victoria-metrics              the InfluxDB-compatible store for influxdb-client writes
 #   postgresql                    initdb/postgres (the fixtures run their own cluster)
+# and the fonts the fleet renders content with (fleet/content/fonts.py, docs/dependencies.md):
+#   fonts-noto-core               Noto Sans (Latin) and Noto Sans Arabic
+#   fonts-droid-fallback          Droid Sans Fallback (Chinese, Japanese, Korean), 1.8 MB
+#   libfribidi0                   bidirectional text for Pillow's raqm layout (Arabic)
 #
 # Idempotent and fast: when every package is installed it only asks dpkg, never apt.
 #
@@ -14,7 +18,8 @@
 # or database listening on a well-known port of a developer machine would be a surprise.
 set -euo pipefail
 
-PACKAGES=(mosquitto mosquitto-clients victoria-metrics postgresql)
+PACKAGES=(mosquitto mosquitto-clients victoria-metrics postgresql
+          fonts-noto-core fonts-droid-fallback libfribidi0)
 
 installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]

@@ -119,8 +119,11 @@ class TerminalProcess:
         self.send({"op": "release", "button": button})
 
     def display(self) -> dict[str, Any]:
-        """What the terminal shows: text ``lines``, ``leds`` and the 1-bit ``fb`` (bytes in
-        SSD1306 MONO_VLSB layout; None under CPython, which has no framebuf)."""
+        """What the terminal shows: text ``lines`` (``question:fi:v3`` for a content screen),
+        ``leds``, the 1-bit ``fb`` (bytes in SSD1306 MONO_VLSB layout; None under CPython
+        before any content bitmap), the display ``mode`` (on/dim/off), its ``brightness``
+        and the ``content_version`` on screen.  Content updates are reported as
+        ``reported`` events (the payload the terminal published)."""
         self.send({"op": "display"})
         data = dict(self.wait_for("display")["data"])
         data["fb"] = bytes.fromhex(data["fb"]) if data["fb"] else None

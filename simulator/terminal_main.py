@@ -59,7 +59,9 @@ def obey(command, board, terminal):
     elif op == "display":
         fb = board.framebuffer
         board.emit("display", {"lines": board.screen, "leds": board.leds,
-                               "fb": None if fb is None else hexlify(fb).decode()})
+                               "fb": None if fb is None else hexlify(fb).decode(),
+                               "mode": board.display_mode, "brightness": board.brightness,
+                               "content_version": terminal.content_version})
     elif op == "stop":
         return False
     return True

@@ -5,6 +5,12 @@ test-mode chord), the MQTT link, the vote uploader and health reports.  A press 
 for the network: it is appended to the flash log and then acknowledged to the visitor;
 uploading is the uploader's job.
 
+Content (docs/content.md): the question and thank-you screens come from the verified package
+in flash when there is one (``terminal.content``; updates arrive through
+``terminal.updater``), else the built-in text.  The package's settings tune the abuse filter
+and the display; its opening hours dim or switch off the display outside them (presses are
+still recorded).  Every vote carries the content version on screen at the press.
+
 Test mode: holding the two outer buttons (1 and N) together for ``test_hold_ms`` enters it,
 doing so again (after letting go) leaves it, and so does ``test_idle_ms`` without a press.
 In test mode every press is stored with flag bit 2, never filtered, and the screen shows
@@ -20,8 +26,11 @@ from terminal import FW_VERSION
 from terminal.abuse import SETTINGS as FILTER_SETTINGS
 from terminal.abuse import AbuseFilter
 from terminal.clock import ticks_diff, ticks_ms
+from terminal.content import ContentStore
+from terminal.hours import is_open
 from terminal.link import Link
 from terminal.mqtt import MQTTClient
+from terminal.updater import Updater, parse_key
 from terminal.uploader import Uploader
 from terminal.votelog import VoteLog
 
@@ -55,6 +64,7 @@ class Terminal:
     health_debounce_ms = 10000  # at most one event-triggered health report per this
     clock_poll_ms = 5000  # how often the health task looks for the first clock sync
     housekeeping_ms = 60000  # the health task wakes at least this often (uptime, clock)
+    hours_check_ms = 60000  # opening hours are checked at least this often
 
     def __init__(self, board, config):
         self.board = board
@@ -69,8 +79,18 @@ class Terminal:
         for key in FILTER_SETTINGS:
             if key in config:
                 settings[key] = config[key]
+        self._filter_base = settings  # the configured values content settings override
         self.filter = AbuseFilter(**settings)
         self.log = VoteLog(board.storage("votes"))
+        self.store = ContentStore(board.storage("content"), board.display_width,
+                                  board.display_height)
+        self.store.boot()  # deletes a stale content.tmp, loads content.bin if usable
+        if self.store.boot_error is not None:
+            board.emit("content_error", self.store.boot_error)
+        self.content = None  # the Content shown; None: the built-in question
+        self._screen = None  # one preallocated screen buffer, once there is content
+        self._lang = 0  # index into content.languages of the language on screen
+        self._display = None  # (mode, brightness) last set on the board
         self.boot_seq = self.log.last_seq + 1  # seqs of this boot's presses start here
         mqtt = config["mqtt"]
         self.client = MQTTClient(
@@ -81,7 +101,7 @@ class Terminal:
         self.link = Link(
             self.client,
             subscriptions=[(self.prefix + "ack", 1), (self.prefix + "desired", 1),
-                           (self.prefix + "cmd", 1)],
+                           (self.prefix + "chunk", 1), (self.prefix + "cmd", 1)],
             birth=(self.prefix + "status", self._status_payload, 1, True),
             on_up=self._link_up,
             on_down=lambda: board.emit("link", False),
@@ -93,6 +113,13 @@ class Terminal:
             batch_max=config["batch_max"], ack_timeout_s=config["ack_timeout_s"],
             on_event=board.emit, wall_ms=board.time_ms, uptime_ms=self.uptime_ms,
             boot_seq=self.boot_seq)
+        key = config.get("content_key")
+        self.updater = Updater(
+            self.store, self.client.publish, self.link.up, self.prefix,
+            key=parse_key(key) if key else None, max_bytes=config["content_max_bytes"],
+            fetch_timeout_s=config["fetch_timeout_s"], on_applied=self.apply_content,
+            emit=board.emit, wall_ms=board.time_ms)
+        self._content_wake = asyncio.Event()
         self.test_mode = False
         self._activity = self._up_ticks  # ticks of the last press (test-mode idle timeout)
         self._touched = asyncio.Event()  # a press or a mode change: wakes the panel task
@@ -108,6 +135,8 @@ class Terminal:
         self._health_sent = False
         self._health_wake = asyncio.Event()
         self._tasks = []
+        if self.store.current is not None:
+            self.apply_content(self.store.current)
 
     # -- content version ----------------------------------------------------------------------
     @property
@@ -147,13 +176,20 @@ class Terminal:
 
     def _status_payload(self):
         return json.dumps({"online": True, "fw": FW_VERSION,
+                           "content_version": self._content_version,
                            "ts_ms": self.board.time_ms()}).encode()
 
     # -- messages from the fleet ------------------------------------------------------------
     def _on_message(self, topic, payload):
         leaf = topic[len(self.prefix):] if topic.startswith(self.prefix) else ""
+        if leaf == "chunk":
+            self.updater.on_chunk(payload)
+            return
+        if leaf == "desired":
+            self.updater.on_desired(payload)
+            return
         if leaf != "ack":
-            return  # desired/cmd are handled by later features
+            return  # cmd is handled by a later feature
         try:
             data = json.loads(payload)
             seq = data["seq"]
@@ -170,6 +206,7 @@ class Terminal:
     def _link_up(self):
         self.board.emit("link", True)
         self.uploader.link_up()  # re-send what was in flight when the old session died
+        self.updater.link_up()  # report content state again, re-ask a chunk in flight
         self.notify_health()
 
     # -- buttons ----------------------------------------------------------------------------
@@ -201,12 +238,13 @@ class Terminal:
         self._activity = at_ticks
         self.board.set_led(button, True)
         self._lit |= 1 << (button - 1)
-        if self.test_mode:
-            self.board.show(("TEST MODE", "Button %d" % button))
-        else:
-            self.board.show(THANKS)
         self._feedback_at = ticks_ms()
         self._feedback_on = True
+        self._update_display()
+        if self.test_mode:
+            self.board.show(("TEST MODE", "Button %d" % button))
+        elif not self._blit("thanks"):
+            self.board.show(THANKS)
         self.board.emit("vote", [seq, button, flags])
         if self.log.dropped != dropped:
             self.notify_health()  # the log was full: a segment was dropped
@@ -226,16 +264,107 @@ class Terminal:
             return
         self.test_mode = on
         self._activity = ticks_ms()
+        self._update_display()  # test mode always lights the display
         self._show_idle()
         self.board.emit("test_mode", on)
         self.notify_health()
         self._touched.set()
 
     def _show_idle(self):
-        self.board.show(TEST_SCREEN if self.test_mode else self.question)
+        if self.test_mode:
+            self.board.show(TEST_SCREEN)
+        elif not self._blit("question"):
+            self.board.show(self.question)
+
+    # -- content ------------------------------------------------------------------------------
+    def apply_content(self, content):
+        """Make ``content`` (a verified ``terminal.content.Content``) the one shown."""
+        self.content = content
+        self.content_version = content.version
+        settings = dict(self._filter_base)
+        for key in FILTER_SETTINGS:
+            if key in content.settings:
+                settings[key] = content.settings[key]
+        self.filter.configure(**settings)
+        size = self.board.display_width * self.board.display_height // 8
+        if self._screen is None or len(self._screen) != size:
+            self._screen = bytearray(size)
+        self._lang = 0
+        if content.show != "rotate":
+            self._lang = content.languages.index(content.show)
+        self.board.emit("content", content.version)
+        self.notify_health()
+        self._content_wake.set()
+        if not self._feedback_on:
+            self._show_idle()
+        self._update_display()
+
+    def language(self):
+        """The language code on screen, or None with the built-in question."""
+        return self.content.languages[self._lang] if self.content is not None else None
+
+    def _blit(self, kind):
+        """Show screen ``kind`` of the content in the current language; False if none."""
+        content = self.content
+        if content is None:
+            return False
+        lang = content.languages[self._lang]
+        try:
+            content.read_screen(kind, lang, self._screen)
+        except (OSError, KeyError):
+            self.board.emit("content_error", "cannot read %s/%s" % (kind, lang))
+            return False
+        self.board.blit(self._screen, "%s:%s:v%d" % (kind, lang, content.version))
+        return True
+
+    def display_state(self):
+        """``(mode, brightness)`` the display should have now: on during feedback; outside
+        opening hours the package's ``outside``; else its ``idle`` setting."""
+        content = self.content
+        if content is None:
+            return ("on", 255)
+        brightness = content.settings.get("brightness", 255)
+        if self._feedback_on or self.test_mode:
+            return ("on", brightness)
+        if not is_open(content.hours, self.board.time_ms()):
+            return (content.hours["outside"], brightness)
+        return (content.settings.get("idle", "on"), brightness)
+
+    def _update_display(self):
+        state = self.display_state()
+        if state != self._display:
+            self._display = state
+            self.board.set_display(state[0], state[1])
+
+    async def _content_screens(self):
+        """Rotate languages every ``rotate_s`` and follow opening hours."""
+        wake = self._content_wake
+        rotated = ticks_ms()
+        while True:
+            wake.clear()
+            content = self.content
+            wait = self.hours_check_ms
+            rotating = (content is not None and content.show == "rotate"
+                        and len(content.languages) > 1)
+            if rotating and content is not None:
+                left = content.rotate_s * 1000 - ticks_diff(ticks_ms(), rotated)
+                if left < wait:
+                    wait = left if left > 0 else 1
+            await _wait(wake, wait)
+            if wake.is_set():
+                rotated = ticks_ms()  # new content: start the rotation over
+                continue
+            self._update_display()
+            if (rotating and self.content is content and content is not None
+                    and ticks_diff(ticks_ms(), rotated) >= content.rotate_s * 1000):
+                rotated = ticks_ms()
+                self._lang = (self._lang + 1) % len(content.languages)
+                if not self._feedback_on and not self.test_mode:
+                    self._show_idle()
 
     def _end_feedback(self):
         self._feedback_on = False
+        self._update_display()
         lit = self._lit
         self._lit = 0
         button = 1
@@ -341,9 +470,10 @@ class Terminal:
     async def run(self):
         """Run every task until ``stop`` is called."""
         self._show_idle()
+        self._update_display()
         self._tasks = [asyncio.create_task(c) for c in
                        (self.link.run(), self.uploader.run(), self._buttons(), self._panel(),
-                        self._health())]
+                        self._health(), self.updater.run(), self._content_screens())]
         self.board.emit("ready", self.log.last_seq)
         try:
             await asyncio.gather(*self._tasks)

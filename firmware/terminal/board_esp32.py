@@ -104,6 +104,8 @@ class Esp32Board(Board):
             self._status = machine.Pin(pins["status_led"], machine.Pin.OUT, value=0)
         self.display = None
         self.display_error = None
+        self.display_width = 128  # the size content packages are asked for
+        self.display_height = 64
         self._setup_display(pins.get("display"))
         self._adc = None
         self._divider = pins.get("battery_divider", 2.0)
@@ -321,6 +323,8 @@ class Esp32Board(Board):
     def _setup_display(self, spec):
         if not spec:
             return
+        self.display_width = spec["width"]
+        self.display_height = spec["height"]
         try:
             from terminal.ssd1306 import SSD1306
 
@@ -342,6 +346,32 @@ class Esp32Board(Board):
         try:
             display.show()
         except OSError as exc:  # a loose wire must not stop the terminal
+            self.display_error = "display: %s" % exc
+
+    def blit(self, bitmap, label):
+        """Show a whole MONO_VLSB screen (a content package's bitmap: the panel's layout)."""
+        display = self.display
+        if display is None:
+            print("palaute: screen", label)
+            return
+        display.buffer[:] = bitmap
+        try:
+            display.show()
+        except OSError as exc:
+            self.display_error = "display: %s" % exc
+
+    def set_display(self, mode, brightness):
+        """``on`` at ``brightness`` (0..255), ``dim`` (low contrast) or ``off`` (panel off)."""
+        display = self.display
+        if display is None:
+            return
+        try:
+            if mode == "off":
+                display.power(False)
+                return
+            display.contrast(brightness if mode == "on" else brightness // 16)
+            display.power(True)
+        except OSError as exc:
             self.display_error = "display: %s" % exc
 
     # -- health --------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ class SimBoard(Board):
                                             self.display_height, framebuf.MONO_VLSB)
         except ImportError:
             pass
+        # Display state set by content settings and opening hours: "on", "dim" or "off", and
+        # the brightness (0..255) used while on.
+        self.display_mode = "on"
+        self.brightness = 255
         self.reset_cause = "power_on"
         self._presses = []
         self._held = 0  # bit n-1 set while button n is held down
@@ -181,7 +185,24 @@ class SimBoard(Board):
         self.screen = list(lines)
         if self._fb is not None:
             render(self._fb, self.display_width, self.display_height, self.screen)
+        else:
+            self.framebuffer = None  # CPython draws no text: never leave a stale bitmap
         self.emit("screen", self.screen)
+
+    def blit(self, bitmap, label):
+        """Show a whole MONO_VLSB screen (a content package's bitmap); ``label`` names it."""
+        if self.framebuffer is None:
+            self.framebuffer = bytearray(len(bitmap))  # CPython: keep the bytes anyway
+        self.framebuffer[:] = bitmap
+        self.screen = [label]
+        self.emit("screen", self.screen)
+
+    def set_display(self, mode, brightness):
+        """Switch the display ``on``, ``dim`` or ``off``; ``brightness`` 0..255 when on."""
+        if (mode, brightness) != (self.display_mode, self.brightness):
+            self.display_mode = mode
+            self.brightness = brightness
+            self.emit("display_state", [mode, brightness])
 
     def heap_free(self):
         """Free heap bytes, where the interpreter can tell."""

@@ -29,7 +29,13 @@ DEFAULTS = {
     "reconnect_stable_s": 60,
     # Ctrl-C off while the terminal runs; test mode (the button chord) turns it back on.
     "repl_lock": False,
+    # Over-the-air content (docs/content.md): the largest package accepted and how long to
+    # wait for each requested chunk.  ``content_key`` (no default) is the fleet's Ed25519
+    # public key as 64 hex digits; without it every content update is refused (no_key).
+    "content_max_bytes": 65536,
+    "fetch_timeout_s": 10,
 }
+CONTENT_MAX_BYTES = 1048576  # a package must fit the flash next to the vote log
 _HEX = "0123456789abcdef"
 
 
@@ -91,6 +97,20 @@ def validate(raw):
     batch_max = cfg["batch_max"]
     if not isinstance(batch_max, int) or not 1 <= batch_max <= 50:
         raise ConfigError("batch_max", "must be 1..50 (protocol v1 limit)")
+    max_bytes = cfg["content_max_bytes"]
+    if (not isinstance(max_bytes, int) or isinstance(max_bytes, bool)
+            or not 1024 <= max_bytes <= CONTENT_MAX_BYTES):
+        raise ConfigError("content_max_bytes", "must be 1024..%d" % CONTENT_MAX_BYTES)
+    timeout = cfg["fetch_timeout_s"]
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 600:
+        raise ConfigError("fetch_timeout_s", "must be 1..600 seconds")
+    content_key = cfg.get("content_key")
+    if content_key is not None:
+        if (not isinstance(content_key, str) or len(content_key) != 64
+                or not all(c in _HEX for c in content_key.lower())):
+            raise ConfigError("content_key", "must be 64 hex digits (the fleet's content "
+                                             "public key: palaute content keygen prints it)")
+        cfg["content_key"] = content_key.lower()
     wifi = cfg.get("wifi")
     if wifi is not None:
         _require(wifi, "ssid", str, "wifi.ssid")

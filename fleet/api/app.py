@@ -11,11 +11,14 @@ from fleet.api.routes import (
     assignments,
     audit,
     auth,
+    content,
     customers,
     devices,
     health,
     provisioning,
     reports,
+    rollouts,
+    selections,
     sites,
     stats,
     users,
@@ -27,11 +30,14 @@ from fleet.ingest.metrics import Metrics
 
 def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = None,
                settings: Settings | None = None,
-               device_accounts: DeviceAccounts | None = None) -> FastAPI:
+               device_accounts: DeviceAccounts | None = None,
+               content_key_file: str | None = None) -> FastAPI:
     """Build the API around a session factory; ``metrics`` adds ``/metrics`` when given.
 
     ``settings`` default to the process's; ``device_accounts`` default to the broker named by
-    ``settings.broker_admin_url`` (none if it is empty: provisioning then answers 503).
+    ``settings.broker_admin_url`` (none if it is empty: provisioning then answers 503);
+    ``content_key_file`` (default ``settings.content_key_file``) names the key that signs new
+    content versions and whose public half provisioning gives terminals.
     """
     settings = settings or get_settings()
     if device_accounts is None and settings.broker_admin_url:
@@ -45,8 +51,10 @@ def create_app(sessions: sessionmaker[Session], *, metrics: Metrics | None = Non
     app.state.sessions = sessions
     app.state.settings = settings
     app.state.device_accounts = device_accounts
+    app.state.content_key_file = (settings.content_key_file if content_key_file is None
+                                  else content_key_file)
     for module in (health, auth, users, customers, sites, devices, provisioning, assignments,
-                   audit, stats, reports):
+                   audit, stats, reports, content, rollouts, selections):
         app.include_router(module.router, prefix="/api/v1")
     if metrics is not None:
         exported = metrics

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -218,3 +219,119 @@ class VoteRollup(Base):
         # sequential read instead of an index scan plus a row lookup per entry.
         {"sqlite_with_rowid": False},
     )
+
+
+class ContentVersion(Base):
+    """What terminals ask and how they behave, immutable once created (docs/content.md).
+
+    ``version`` is the global number 1 … 65,535 that terminals compare (never downgrade) and
+    stamp on votes; the next one is the highest so far + 1.  ``body`` is the validated request
+    as JSON text (texts per language, show/rotate, settings, opening hours), kept so that a
+    rollback can republish it as a new version.
+    """
+
+    __tablename__ = "content_versions"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    body: Mapped[str] = mapped_column(Text)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    created_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+
+
+class ContentPackage(Base):
+    """The rendered, signed package of one content version for one display size."""
+
+    __tablename__ = "content_packages"
+    version: Mapped[int] = mapped_column(
+        ForeignKey("content_versions.version", ondelete="CASCADE"), primary_key=True)
+    display: Mapped[str] = mapped_column(String(16), primary_key=True)  # "128x64"
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))  # hex
+    # Which key signed it: terminals provisioned with another key refuse it (bad_signature).
+    public_key: Mapped[str] = mapped_column(String(64))
+
+
+class RolloutState(enum.StrEnum):
+    """Where a rollout stands (docs/content.md, Rollouts)."""
+
+    running = "running"
+    paused = "paused"
+    halted = "halted"  # by itself, when failures passed the failure threshold
+    aborted = "aborted"
+    completed = "completed"
+
+
+class RolloutDeviceState(enum.StrEnum):
+    """One device's state in one rollout (docs/content.md, Rollouts)."""
+
+    pending = "pending"
+    offline = "offline"
+    delivered = "delivered"
+    applied = "applied"
+    refused = "refused"
+    timed_out = "timed_out"
+    superseded = "superseded"  # a newer rollout took the device over
+
+
+class Selection(Base):
+    """A saved, named list of device ids to target rollouts at."""
+
+    __tablename__ = "selections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    device_ids: Mapped[str] = mapped_column(Text, default="[]")  # JSON list, portable
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"),
+                                                   nullable=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Rollout(Base):
+    """One content version sent to a target in waves (fleet/rollouts/engine.py)."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    content_version: Mapped[int] = mapped_column(Integer, index=True)
+    target_kind: Mapped[str] = mapped_column(String(16))  # device | site | customer | selection
+    target_ref: Mapped[str] = mapped_column(String(64))
+    # Wave 0 is the canary list; waves 1..N take cumulative percentages of the rest.
+    waves: Mapped[str] = mapped_column(Text, default="[100]")  # JSON list of percentages
+    wave_count: Mapped[int] = mapped_column(Integer)
+    current_wave: Mapped[int] = mapped_column(Integer, default=-1)  # -1: none started yet
+    success_threshold: Mapped[int] = mapped_column(SmallInteger)  # percent of a wave applied
+    failure_threshold: Mapped[int] = mapped_column(SmallInteger)  # percent refused + timed out
+    device_timeout_s: Mapped[int] = mapped_column(Integer)
+    state: Mapped[RolloutState] = mapped_column(
+        Enum(RolloutState, native_enum=False, length=16), default=RolloutState.running,
+        index=True)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"),
+                                                   nullable=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # Set once the engine has cleared ``desired`` of an aborted rollout's devices.
+    cleared_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class RolloutDevice(Base):
+    """A device's state in a rollout; ``reported`` messages are its source of truth."""
+
+    __tablename__ = "rollout_devices"
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="RESTRICT"),
+                                           primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    display: Mapped[str] = mapped_column(String(16))
+    state: Mapped[RolloutDeviceState] = mapped_column(
+        Enum(RolloutDeviceState, native_enum=False, length=16),
+        default=RolloutDeviceState.pending)
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # When the device timeout started: its wave started while it was online, or it came back.
+    started_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_rollout_devices_device_state", "device_id", "state"),)
+

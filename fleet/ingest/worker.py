@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import paho.mqtt.client as mqtt
@@ -37,6 +37,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.config import Settings
 from fleet.db.models import Assignment, Device, Site
+from fleet.ingest import content_requests
+from fleet.ingest.content_requests import ContentMessage, ContentRequests
 from fleet.ingest.metrics import Kind, Metrics
 from fleet.ingest.presence import PresenceSweeper
 from fleet.mqtt_url import parse_mqtt_url
@@ -54,7 +56,7 @@ from fleet.services.votes import store_batches
 log = logging.getLogger("palaute.ingest")
 
 # Leaves of the device topic tree that the worker consumes.
-LEAVES = ("votes", "health", "status")
+LEAVES = ("votes", "health", "status", *content_requests.LEAVES)
 # /healthz fails when the writer loop has not come round for this long (it does every 0.2 s
 # when idle): a hung database call or a dead thread.
 WRITER_STALL_S = 60.0
@@ -117,6 +119,7 @@ class _Prepared:
     health: dict[str, dict[str, Any]]
     presence: dict[str, bool]
     votes: int = 0  # in vote_batches, duplicates included
+    content: list[ContentMessage] = field(default_factory=list)  # reported, fetch
 
     def merge(self, later: _Prepared) -> None:
         """Append a later chunk; for health and status the latest message of a device wins."""
@@ -125,6 +128,7 @@ class _Prepared:
         self.votes += later.votes
         self.health.update(later.health)
         self.presence.update(later.presence)
+        self.content.extend(later.content)
 
 
 def _is_int(value: Any) -> bool:
@@ -190,6 +194,11 @@ class IngestWorker:
         for name, text, kind in METRICS:
             self.metrics.describe(name, text, kind)
         self.metrics.set("palaute_ingest_connected", 0)
+        self.content = ContentRequests(
+            self.metrics, lambda topic, payload: self._client.publish(topic, payload, qos=1),
+            topics=self.topics, max_payload=settings.ingest_max_payload,
+            publish_retained=lambda topic, payload: self._client.publish(
+                topic, payload, qos=1, retain=True))
 
     # -- MQTT callbacks (paho network thread) ---------------------------------------------
     def _filters(self) -> list[str]:
@@ -258,6 +267,7 @@ class IngestWorker:
         vote_batches: list[VoteBatch] = []
         health: dict[str, dict[str, Any]] = {}
         presence: dict[str, bool] = {}
+        content: list[ContentMessage] = []
         # Counted here and added once per batch: one locked increment per message would be a
         # measurable share of the per-message cost at 1 vote per message.
         received: dict[str, int] = {}
@@ -276,12 +286,14 @@ class IngestWorker:
                     status = parse_object(message.payload,
                                           max_bytes=self.settings.ingest_max_payload)
                     presence[device_id] = status.get("online") is True
+                elif leaf in content_requests.LEAVES:
+                    content.append(self.content.parse(device_id, leaf, message.payload))
             except ProtocolError as exc:
                 self._refuse(message, exc.reason, str(exc))
         for leaf, count in received.items():
             self.metrics.inc("palaute_ingest_received_total", count, leaf=leaf)
         return _Prepared(messages, now, vote_batches, health, presence,
-                         sum(len(batch.votes) for batch in vote_batches))
+                         sum(len(batch.votes) for batch in vote_batches), content)
 
     def store(self, prepared: _Prepared) -> None:
         """Store one validated batch, commit, then ack terminals and broker (writer thread)."""
@@ -327,9 +339,19 @@ class IngestWorker:
                 self._refuse_health(device_id)
             elif self.telemetry is not None:
                 self.telemetry.write(device_id, sample, tags, now)
+        if prepared.content:
+            self._handle_content(prepared.content, now)
         for message in messages:
             if message.qos > 0:
                 self._client.ack(message.mid, message.qos)
+
+    def _handle_content(self, content: list[ContentMessage], now: int) -> None:
+        try:
+            self.content.handle(self.sessions, content, now)
+        except SQLAlchemyError as exc:
+            # Not retried: terminals re-send `reported` on reconnect and re-ask for a chunk.
+            self.metrics.inc("palaute_ingest_db_errors_total")
+            log.error("storing %d content message(s) failed: %s", len(content), exc)
 
     def _refuse_health(self, device_id: str) -> None:
         self.metrics.inc("palaute_ingest_refused_total", reason="unknown_device")

@@ -144,3 +144,83 @@ def parse_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
 def encode_ack(seq: int, now_ms: int) -> bytes:
     """The ``ack`` payload: every vote with seq ≤ ``seq`` is durably stored."""
     return json.dumps({"seq": seq, "now_ms": now_ms}, separators=(",", ":")).encode()
+
+
+# -- over-the-air content (docs/content.md) ----------------------------------------------------
+MAX_CONTENT_PACKAGE = 65_536
+MAX_CHUNK = 4_096
+REPORTED_STATES = ("applied", "downloading", "refused")
+REFUSAL_REASONS = ("downgrade", "too_large", "fetch_timeout", "sha256_mismatch",
+                   "bad_signature", "bad_package", "wrong_display", "storage_error", "no_key")
+DISPLAY_RE = re.compile(r"^([1-9][0-9]{0,3})x([1-9][0-9]{0,3})$")
+_MAX_VERSION = 65_535
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """A validated ``reported`` message: what a terminal shows and the result of a change."""
+
+    device_id: str
+    version: int  # the content version shown (0: none yet)
+    state: str  # one of REPORTED_STATES
+    desired: int | None  # the version it was asked for, if any
+    reason: str | None  # with state "refused": one of REFUSAL_REASONS (others kept as sent)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """A validated ``fetch`` message: send the package bytes of ``version`` from ``offset``."""
+
+    device_id: str
+    version: int
+    offset: int
+    display: str
+
+
+def parse_reported(device_id: str, payload: bytes, *, max_bytes: int) -> Reported:
+    """Validate ``{"version": V, "state": S, "desired": D, "reason": R, "ts_ms": T}``.
+
+    An unknown refusal reason is kept (a newer terminal may know more reasons) but must be a
+    short identifier; a ``refused`` report without a reason is refused as ``bad_shape``.
+    """
+    data = _load_object(payload, max_bytes)
+    version = _int(data.get("version"), "version", 0, _MAX_VERSION)
+    state = data.get("state")
+    if state not in REPORTED_STATES:
+        raise ProtocolError("bad_shape", f"state must be one of {', '.join(REPORTED_STATES)}, "
+                            f"got {state!r}")
+    desired = data.get("desired")
+    if desired is not None:
+        desired = _int(desired, "desired", 0, _MAX_VERSION)
+    reason = data.get("reason")
+    if state == "refused":
+        if not isinstance(reason, str) or not re.fullmatch(r"[a-z0-9_]{1,32}", reason):
+            raise ProtocolError("bad_shape", f"a refused report needs a reason such as "
+                                f"'bad_signature', got {reason!r}")
+    else:
+        reason = None
+    return Reported(device_id, version, str(state), desired, reason)
+
+
+def parse_fetch(device_id: str, payload: bytes, *, max_bytes: int) -> FetchRequest:
+    """Validate ``{"version": V, "offset": O, "display": "128x64"}``."""
+    data = _load_object(payload, max_bytes)
+    version = _int(data.get("version"), "version", 1, _MAX_VERSION)
+    offset = _int(data.get("offset"), "offset", 0, MAX_CONTENT_PACKAGE - 1)
+    display = data.get("display")
+    if not isinstance(display, str) or not DISPLAY_RE.match(display):
+        raise ProtocolError("bad_shape", f"display must be '<w>x<h>' such as '128x64', "
+                            f"got {display!r}")
+    return FetchRequest(device_id, version, offset, display)
+
+
+def encode_desired(version: int, size: int, sha256_hex: str, sig_hex: str,
+                   chunk: int = MAX_CHUNK) -> bytes:
+    """The retained ``desired`` payload (empty bytes mean "nothing desired")."""
+    return json.dumps({"version": version, "size": size, "sha256": sha256_hex, "sig": sig_hex,
+                       "chunk": chunk}, separators=(",", ":")).encode()
+
+
+def encode_chunk(version: int, offset: int, data: bytes) -> bytes:
+    """A ``chunk`` payload: u16le version, u32le offset, then the bytes."""
+    return version.to_bytes(2, "little") + offset.to_bytes(4, "little") + data

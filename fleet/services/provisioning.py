@@ -40,12 +40,18 @@ def device_broker_address(settings: Settings) -> tuple[str, int]:
     return settings.device_mqtt_host or target.host, settings.device_mqtt_port or target.port
 
 
-def device_config(settings: Settings, device_id: str, password: str) -> dict[str, Any]:
+def device_config(settings: Settings, device_id: str, password: str, *,
+                  content_key: str | None = None) -> dict[str, Any]:
     """The fleet-owned part of a device's config.json (keys as firmware/terminal/config.py
-    reads them); the installer adds wifi, board and device_id."""
+    reads them); the installer adds wifi, board and device_id.  ``content_key`` is the
+    public key the terminal checks content signatures with."""
     host, port = device_broker_address(settings)
-    return {"mqtt": {"host": host, "port": port, "user": device_id, "password": password},
-            "topic_root": settings.topic_root}
+    config: dict[str, Any] = {
+        "mqtt": {"host": host, "port": port, "user": device_id, "password": password},
+        "topic_root": settings.topic_root}
+    if content_key:
+        config["content_key"] = content_key
+    return config
 
 
 def provision_device(session: Session, *, accounts: DeviceAccounts, device_id: str,

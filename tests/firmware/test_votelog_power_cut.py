@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 from terminal.votelog import VoteLog
 
+from tests.firmware.power_cut import run_and_kill
 from tests.services.micropython import micropython_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,34 +30,6 @@ SEGMENT_RECORDS = 8  # as in the writer
 def vote_for(seq: int) -> tuple[int, int, int, int]:
     """The writer's ``vote_for``: the content stored with ``seq``."""
     return 1700000000000 + seq * 7, 1 + seq % 5, 1 if seq % 3 == 0 else 0, seq & 0xFFFF
-
-
-def run_and_kill(cmd: list[str], env: dict[str, str], lines_before_kill: int) -> list[str]:
-    """Start the writer, SIGKILL it after reading ``lines_before_kill`` lines; all its lines.
-
-    Lines printed before the kill landed are read to EOF: they were acknowledged too.  A
-    line cut by the kill has no newline and is dropped.
-    """
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[str] = []
-    try:
-        while len(lines) < lines_before_kill:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        proc.send_signal(signal.SIGKILL)
-        lines.extend(proc.stdout.readlines())
-        err = proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, f"writer died on its own: {err}"
-    return [line.rstrip("\n") for line in lines if line.endswith("\n")]
 
 
 @pytest.mark.micropython

@@ -22,14 +22,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.api.app import create_app
 from fleet.broker.dynsec import DynsecAccounts
+from fleet.content import signing
 from fleet.db.engine import make_engine
 from fleet.db.migrate import upgrade
 from fleet.db.models import Role, User
 from fleet.protocol.v1 import Vote, VoteBatch
+from fleet.rollouts import service as rollouts
 from fleet.services import registry
 from fleet.services.auth import create_api_token, create_user
 from fleet.services.votes import store_batches
 from tests.fleet.auth_helpers import PASSWORD
+from tests.fleet.rollout_helpers import store_content
 from tests.services.mosquitto import DynsecMosquittoBroker
 
 MAX_EXAMPLES = 15
@@ -58,6 +61,9 @@ def fuzz_db(tmp_path: Path, dynsec_mosquitto: DynsecMosquittoBroker) -> Iterator
     upgrade(url)
     engine = make_engine(url)
     SESSIONS.configure(bind=engine)
+    # A real signing key, so that fuzzed content reaches rendering instead of a 503.
+    signing.generate_key_file(tmp_path / "content.key")
+    APP.state.content_key_file = str(tmp_path / "content.key")
     with SESSIONS.begin() as session:
         for name in ("Fuzz Oy", "Other Oy"):
             customer = registry.create_customer(session, name=name)
@@ -70,6 +76,9 @@ def fuzz_db(tmp_path: Path, dynsec_mosquitto: DynsecMosquittoBroker) -> Iterator
         store_batches(session, [VoteBatch("pt-000000000001", (Vote(1, 1_000, 1, 0, 0),))],
                       received_ms=2_000)
         create_user(session, email=ADMIN_EMAIL, password=PASSWORD, role=Role.admin)
+        # Content version 1 and a selection, so generated rollouts can be created and changed.
+        store_content(session, 1)
+        rollouts.create_selection(session, name="fuzz", device_ids=["pt-000000000001"])
     yield
     SESSIONS.configure(bind=None)
     APP.state.device_accounts = None

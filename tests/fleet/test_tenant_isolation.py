@@ -27,9 +27,10 @@ from sqlalchemy import update
 
 from fleet.api.app import create_app
 from fleet.db.engine import make_engine, make_sessionmaker
-from fleet.db.models import Role, User
+from fleet.db.models import ContentVersion, Role, Rollout, User
 from fleet.ingest.metrics import Metrics
 from fleet.protocol.v1 import Vote, VoteBatch
+from fleet.rollouts import service as rollouts
 from fleet.services import registry
 from fleet.services.auth import create_api_token, create_user
 from fleet.services.clock import now_ms
@@ -101,10 +102,23 @@ def make_tenants(db_url: str) -> Tenants:
                                role=Role.customer_viewer, customer_id=customer_b.id)
         token_a = create_api_token(session, user=viewer_a, name="tests").secret
         token_b = create_api_token(session, user=viewer_b, name="tests")
+        selection_b = rollouts.create_selection(session, name="Bravo Secret pilot",
+                                                device_ids=["pt-bbbb00000001"])
+        rollout_b = Rollout(content_version=1, target_kind="selection",
+                            target_ref=str(selection_b.id), waves="[100]", wave_count=2,
+                            current_wave=-1, success_threshold=90, failure_threshold=10,
+                            device_timeout_s=900, state_reason="", created_ms=now,
+                            updated_ms=now)
+        session.add(rollout_b)
+        # Content is fleet-wide; viewers may read none of it (this one names customer B).
+        session.add(ContentVersion(version=1, name="Bravo Secret survey", body="{}",
+                                   created_ms=now))
+        session.flush()
         ids = {
             "customer_id": str(customer_b.id), "site_id": str(sites_b[0].id),
             "device_id": "pt-bbbb00000001", "token_id": str(token_b.id),
-            "user_id": str(viewer_b.id),
+            "user_id": str(viewer_b.id), "rollout_id": str(rollout_b.id),
+            "selection_id": str(selection_b.id), "version": "1",
         }
         tenants = Tenants(
             client=TestClient(create_app(sessions, metrics=Metrics())),
@@ -117,7 +131,8 @@ def make_tenants(db_url: str) -> Tenants:
 
 # Ids of the same kinds that exist nowhere: B's must be refused exactly like these.
 GHOST_IDS = {"customer_id": "987654", "site_id": "987654", "device_id": "pt-ffffffffffff",
-             "token_id": "987654", "user_id": "987654"}
+             "token_id": "987654", "user_id": "987654", "rollout_id": "987654",
+             "selection_id": "987654", "version": "65000"}
 
 
 def masked(text: str, ids: list[str]) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from fleet.api.deps import DeviceAccountsDep, SessionDep, broker_errors, require
 from fleet.api.schemas import CONFLICT, ERRORS, NOT_FOUND, Board, Problem, RefId, registry_errors
 from fleet.config import Settings
+from fleet.content import signing
 from fleet.db.models import DeviceState, Role, User
 from fleet.services import provisioning, registry
 
@@ -52,6 +53,9 @@ class DeviceConfig(BaseModel):
 
     mqtt: MqttConfig
     topic_root: str
+    # The fleet's content-signing public key (64 hex digits); absent when the fleet has no
+    # signing key, and then the terminal refuses content updates with ``no_key``.
+    content_key: str | None = None
 
 
 class ProvisionResult(BaseModel):
@@ -75,6 +79,18 @@ class Presence(BaseModel):
     content_version: int | None
 
 
+def _content_public_key(key_file: str) -> str | None:
+    """The public half of the content-signing key, checked before anything changes: a key
+    file that is configured but unusable must stop provisioning, not yield terminals that
+    refuse every content update."""
+    if not key_file:
+        return None
+    try:
+        return signing.public_key_hex(signing.load_configured_key(key_file))
+    except signing.ContentKeyError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+
+
 @router.post("/{device_id}/provision", response_model=ProvisionResult,
              responses={**NOT_FOUND, **CONFLICT, **UNAVAILABLE})
 def provision(device_id: DeviceIdPath, body: ProvisionRequest, user: Provisioner,
@@ -90,11 +106,13 @@ def provision(device_id: DeviceIdPath, body: ProvisionRequest, user: Provisioner
                             "device accounts are not configured on this fleet: set "
                             "PALAUTE_BROKER_ADMIN_URL (see docs/deployment.md) and restart it")
     settings: Settings = request.app.state.settings
+    content_key = _content_public_key(request.app.state.content_key_file)
     with registry_errors(), broker_errors("create the device's MQTT account"):
         result = provisioning.provision_device(
             session, accounts=accounts, device_id=device_id, board=body.board,
             site_id=body.site_id, actor=user)
-    config = provisioning.device_config(settings, device_id, result.password)
+    config = provisioning.device_config(settings, device_id, result.password,
+                                        content_key=content_key)
     return ProvisionResult(device_id=device_id, created=result.created, rotated=result.rotated,
                            site_id=result.site_id, config=DeviceConfig.model_validate(config))
 

@@ -173,3 +173,80 @@ class BrokerStream(MemoryStream):
         """Written bytes not yet taken by the test."""
         return bytes(self.written[self.taken:])
 
+
+
+# -- content packages (docs/content.md) -------------------------------------------------------
+def package_bytes(version, header, bitmaps, magic=b"PLC1", reserved=0, header_raw=None):
+    """Assemble a package from a header dict and the bitmap area, for tests of the parser.
+
+    Deliberately able to make broken packages (magic, reserved, raw header bytes), which the
+    fleet's builder (fleet/content/package.py) refuses to produce; a CPython test checks
+    that packages from that builder parse with the firmware's parser.
+    """
+    raw = header_raw if header_raw is not None else json_bytes(header)
+    return (magic + version.to_bytes(2, "little") + reserved.to_bytes(2, "little")
+            + len(raw).to_bytes(4, "little") + raw + bytes(bitmaps))
+
+
+def json_bytes(value):
+    import json
+
+    return json.dumps(value).encode()
+
+
+def screen(width, height, fill):
+    """One MONO_VLSB screen of ``width`` x ``height`` filled with byte ``fill``."""
+    return bytes([fill]) * (width * height // 8)
+
+
+def simple_header(version, width=128, height=64, languages=("fi", "en"), **extra):
+    """A valid header whose screens are laid out question-per-language then thanks."""
+    size = width * height // 8
+    n = len(languages)
+    header = {"version": version, "display": {"w": width, "h": height},
+              "languages": list(languages), "show": "rotate", "rotate_s": 8,
+              "screens": {"question": {lang: i * size for i, lang in enumerate(languages)},
+                          "thanks": {lang: (n + i) * size for i, lang in enumerate(languages)}},
+              "settings": {}}
+    header.update(extra)
+    return header
+
+
+def simple_package(version, width=128, height=64, languages=("fi", "en"), **extra):
+    """A valid package; question screen i is filled with byte i + 1, thanks with 0x80 + i."""
+    bitmaps = b"".join(screen(width, height, i + 1) for i in range(len(languages)))
+    bitmaps += b"".join(screen(width, height, 0x80 + i) for i in range(len(languages)))
+    return package_bytes(version, simple_header(version, width, height, languages, **extra),
+                         bitmaps)
+
+
+def ed25519_keypair(seed):
+    """``(public_key, sign)`` for a 32-byte ``seed``: an RFC 8032 signer built on the
+    firmware's point arithmetic (tests only; checked against ``cryptography`` in CPython)."""
+    from terminal import ed25519 as ed
+
+    digest = ed.sha512(seed)
+    a = int.from_bytes(digest[:32], "little")
+    a &= (1 << 254) - 8
+    a |= 1 << 254
+    prefix = digest[32:]
+
+    def mul(k):
+        q = (0, 1, 1, 0)
+        p = ed._base()
+        while k:
+            if k & 1:
+                q = ed._add(q, p)
+            p = ed._double(p)
+            k >>= 1
+        return q
+
+    public = ed.encode_point(mul(a))
+
+    def sign(message):
+        r = int.from_bytes(ed.sha512(prefix + message), "little") % ed.L
+        rb = ed.encode_point(mul(r))
+        k = int.from_bytes(ed.sha512(rb + public + message), "little") % ed.L
+        return rb + ((r + k * a) % ed.L).to_bytes(32, "little")
+
+    return public, sign

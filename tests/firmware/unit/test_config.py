@@ -58,3 +58,20 @@ def test_load_reports_missing_and_corrupt_files():
     with open(root + "/ok.json", "w") as f:
         f.write(json.dumps(good()))
     assert load(root + "/ok.json")["device_id"] == "pt-0123456789ab"
+
+
+def test_content_keys_are_validated():
+    cfg = validate(good())
+    assert cfg["content_max_bytes"] == 65536 and cfg["fetch_timeout_s"] == 10
+    assert cfg.get("content_key") is None  # optional: without it updates are refused
+    raw = good()
+    raw["content_key"] = "AB" * 32
+    assert validate(raw)["content_key"] == "ab" * 32
+    check_key(lambda c: c.update(content_key="ab" * 31), "content_key")
+    check_key(lambda c: c.update(content_key="zz" * 32), "content_key")
+    check_key(lambda c: c.update(content_key=5), "content_key")
+    check_key(lambda c: c.update(content_max_bytes=100), "content_max_bytes")
+    check_key(lambda c: c.update(content_max_bytes=True), "content_max_bytes")
+    check_key(lambda c: c.update(fetch_timeout_s=0), "fetch_timeout_s")
+    check_key(lambda c: c.update(fetch_timeout_s="10"), "fetch_timeout_s")
+    assert "keygen" in str(raises(ConfigError, validate, dict(good(), content_key="x")))

@@ -1,0 +1,1 @@
+"""Rollouts: one content version sent to devices in waves, tracked per device (issue 7)."""
