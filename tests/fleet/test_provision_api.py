@@ -321,18 +321,19 @@ def test_malformed_broker_admin_url_is_refused_at_start(url: str, message: str) 
         Settings(broker_admin_url=url)
 
 
-def test_config_carries_the_content_public_key(db_url: str, dynsec_mosquitto: Broker,
-                                               tmp_path: Path) -> None:
+def test_config_carries_the_content_public_key(fleet: Fleet, tmp_path: Path) -> None:
     """Terminals check content signatures with the fleet's public key: provisioning hands it
     over; without a signing key the config has none (content is then refused with no_key)."""
     from fleet.content import signing
 
-    assert Fleet(db_url, fleet_settings(dynsec_mosquitto)).provision(DEV_A)["config"][
-        "content_key"] is None
+    assert fleet.provision(DEV_A)["config"]["content_key"] is None
     key = signing.generate_key_file(tmp_path / "content.key")
-    keyed = Fleet(db_url, fleet_settings(dynsec_mosquitto,
-                                         content_key_file=str(tmp_path / "content.key")))
-    assert keyed.provision(DEV_A)["config"]["content_key"] == signing.public_key_hex(key)
+    keyed = TestClient(create_app(fleet.sessions, settings=fleet.settings,
+                                  content_key_file=str(tmp_path / "content.key")))
+    response = keyed.post(f"{V1}/devices/{DEV_A}/provision", json={},
+                          headers=fleet.installer)
+    assert response.status_code == 200, response.text
+    assert response.json()["config"]["content_key"] == signing.public_key_hex(key)
 
 
 def test_unusable_content_key_stops_provisioning(db_url: str, dynsec_mosquitto: Broker,
