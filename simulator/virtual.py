@@ -116,6 +116,11 @@ class VirtualFleet:
         return sum(v.terminal.log.pending for v in self.terminals)
 
     @property
+    def showing_content(self) -> int:
+        """Terminals showing content the fleet sent (not their built-in question)."""
+        return sum(1 for v in self.terminals if v.terminal.content_version > 0)
+
+    @property
     def online(self) -> int:
         """Terminals whose MQTT link is up."""
         return sum(1 for v in self.terminals if v.link_up)

@@ -26,6 +26,8 @@ def test_demo_summary_shows_every_pressed_vote_stored(tmp_path: Path) -> None:
     assert summary["votes_pressed"] == summary["votes_stored"]
     assert summary["votes_pending_in_flash"] == 0
     assert summary["refused"] == 0
+    # The demo's rollout reached every terminal: all show the fleet's signed question now.
+    assert (summary["content_version"], summary["terminals_showing_content"]) == (1, 20)
     assert "API docs: http://127.0.0.1:" in proc.stderr
     assert "127.0.0.1:0/" not in summary["api_docs"]
     # The printed login is real: it opens a session against the demo's database.

@@ -188,8 +188,8 @@ def test_the_terminal_accepts_what_the_fleet_creates(tmp_path: Path) -> None:
     """Interop: a version created by the fleet service, loaded by the firmware's own parser
     and verified by the firmware's own Ed25519 (firmware/terminal, run here under CPython)."""
     from terminal import content as terminal_content
+    from terminal import download as terminal_download
     from terminal import ed25519 as terminal_ed25519
-    from terminal import updater as terminal_updater
 
     from fleet.content import service
     from fleet.content.body import ContentBody
@@ -222,7 +222,7 @@ def test_the_terminal_accepts_what_the_fleet_creates(tmp_path: Path) -> None:
         loaded.read_screen("question", "ar", buf)
         assert bytes(buf) == parse_package(stored.data).screens["question"]["ar"]
         digest = hashlib.sha256(stored.data).digest()
-        message = terminal_updater.signed_message(version, stored.size, digest)
+        message = terminal_download.signed_message(version, stored.size, digest)
         assert message == signing.signed_message(version, stored.data)
         signature = bytes.fromhex(stored.signature)
         assert terminal_ed25519.verify(public, message, signature)
