@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
 
 READ_SIZE = 65536
+_PUBACK = 0x40
+_PUBACK_HEAD = bytes((_PUBACK, 2))
 
 
 class BufferedSocket:
@@ -74,13 +76,14 @@ class BufferedSocket:
 class IngestClient(mqtt.Client):
     """``paho.mqtt.client.Client`` with a leaner receive path for the ingest worker.
 
-    Two hooks into paho-mqtt 2.x internals (pinned ``< 3`` in pyproject.toml; the ingest
+    Three hooks into paho-mqtt 2.x internals (pinned ``< 3`` in pyproject.toml; the ingest
     tests exercise both on every run): connections read through a ``BufferedSocket``, and
     QoS 0/1 PUBLISH packets under manual acknowledgement are decoded without building the
     MQTT 5 ``Properties`` object paho makes for every message (a third of the network
     thread's time at one vote per message; the worker reads no property) and handed straight
-    to ``on_message`` (the worker registers no per-topic callbacks for paho to match).
-    Anything else takes paho's own path.
+    to ``on_message`` (the worker registers no per-topic callbacks for paho to match); and
+    ``ack_many`` queues the PUBACKs of a committed batch as one write.  Anything else takes
+    paho's own path.
     """
 
     _filtered = False  # set once a per-topic callback exists: paho's path matches those
@@ -89,6 +92,22 @@ class IngestClient(mqtt.Client):
         """As paho's; afterwards messages take paho's own path, which honours it."""
         self._filtered = True
         super().message_callback_add(sub, callback)
+
+    def ack_many(self, mids: list[int]) -> None:
+        """Acknowledge QoS 1 deliveries ``mids`` (manual acks) with one write.
+
+        ``Client.ack`` queues one 4-byte PUBACK per message and wakes the network thread with
+        a system call each time.  Here the PUBACKs are packed into one buffer and queued as a
+        single outgoing packet, which paho writes like any other (partial writes included) and
+        drops with the rest of its queue if the connection is lost, as it would the separate
+        ones (the broker then redelivers those messages).
+        """
+        if not mids:
+            return
+        # PUBACK: 0x40, remaining length 2, packet identifier; the reason code may be left out
+        # when it is "success" (MQTT 5), and MQTT 3.1.1 has none.
+        packet = b"".join(_PUBACK_HEAD + mid.to_bytes(2, "big") for mid in mids)
+        self._packet_queue(_PUBACK, packet, 0, 0)
 
     def _create_socket(self) -> SocketLike:
         # Every connection and reconnection is opened here.
