@@ -36,7 +36,6 @@ from tests.fleet.auth_helpers import make_user
 from tests.fleet.test_ingest_worker import AckListener, votes
 from tests.services.common import require_binary, wait_until
 from tests.services.ingest import IngestProcess
-from tests.services.micropython import micropython_command
 from tests.services.mosquitto import MosquittoBroker
 
 pytestmark = pytest.mark.mosquitto
@@ -172,13 +171,6 @@ def test_c_client_votes_land_in_the_right_reports(fleet: Fleet,
     assert sum(int(row.split(",")[3]) + int(row.split(",")[4])
                for row in csv.text.splitlines()[1:]) == 5
 
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path / "terminals", micropython_command())
-    harness.workdir.mkdir()
-    yield harness
-    harness.close()
 
 
 def terminal_health(terminal: TerminalProcess) -> dict[str, Any]:
