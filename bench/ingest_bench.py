@@ -21,6 +21,10 @@ generates the vote messages once, and measures in one run:
 
 Every device is registered (bulk insert) before the runs.  Prints a table and writes
 ``bench/results/ingest.json``.  Not part of pytest: the numbers depend on the machine.
+
+``--compare N`` measures only the 1-vote shape on PostgreSQL, N rounds of: the raw rate, then
+each way of running the worker (``VARIANTS``: one or two processes on the shared
+subscription, MQTT 3.1.1), back to back, and writes ``bench/results/ingest-compare.json``.
 """
 
 from __future__ import annotations
