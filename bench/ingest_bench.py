@@ -21,6 +21,10 @@ generates the vote messages once, and measures in one run:
 
 Every device is registered (bulk insert) before the runs.  Prints a table and writes
 ``bench/results/ingest.json``.  Not part of pytest: the numbers depend on the machine.
+
+``--compare N`` measures only the 1-vote shape on PostgreSQL, N rounds of: the raw rate, then
+each way of running the worker (``VARIANTS``: one or two processes on the shared
+subscription, MQTT 3.1.1), back to back, and writes ``bench/results/ingest-compare.json``.
 """
 
 from __future__ import annotations
@@ -214,12 +218,13 @@ class Bench:
                      "-l", "-t", f"fb/v1/d/{device}/votes"], stdin=lines))
         return processes
 
-    def start_ingest(self, broker: MosquittoBroker, db_url: str, worker_id: str
-                     ) -> IngestProcess:
+    def start_ingest(self, broker: MosquittoBroker, db_url: str, worker_id: str,
+                     extra_env: dict[str, str] | None = None) -> IngestProcess:
         """``palaute ingest`` subscribed and ready (seen in the broker's log)."""
         worker = IngestProcess(db_url=db_url, workdir=self.workdir, worker_id=worker_id,
                                mqtt_url=broker.url_for(broker.admin_user,
-                                                       broker.admin_password))
+                                                       broker.admin_password),
+                               extra_env=extra_env)
         worker.start_subscribed(broker, timeout=60)
         return worker
 
@@ -262,11 +267,15 @@ def count_votes(db_url: str) -> int:
         return int(session.scalar(select(func.count()).select_from(VoteRow)) or 0)
 
 
-def ingest_rate(bench: Bench, shape: Shape, kind: str) -> dict[str, Any]:
-    """Throughput of one ``palaute ingest`` committing to ``kind``, acks included."""
+def ingest_rate(bench: Bench, shape: Shape, kind: str, processes: int = 1,
+                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Throughput of ``processes`` ``palaute ingest`` workers (one shared subscription)
+    committing to ``kind``, acks included."""
     db_url = bench.database(kind)
     with bench.broker() as broker:
-        worker = bench.start_ingest(broker, db_url, f"bench-{kind}-{shape.name}")
+        workers = [bench.start_ingest(broker, db_url, f"bench-{kind}-{shape.name}-{n}",
+                                      extra_env) for n in range(processes)]
+        worker = workers[0]
         acks = AckCounter(broker, dict.fromkeys(shape.files, shape.last_seq))
         try:
             started = time.monotonic()
@@ -277,15 +286,18 @@ def ingest_rate(bench: Bench, shape: Shape, kind: str) -> dict[str, Any]:
             if not acks.done.wait(600):
                 raise RuntimeError(f"not every device was acked\n{worker.log_tail()}")
             seconds = time.monotonic() - started
-            assert worker.process is not None
-            _, peak = rss_kib(worker.process.pid)
+            peak = 0
+            for each in workers:
+                assert each.process is not None
+                peak = max(peak, rss_kib(each.process.pid)[1])
         finally:
             acks.close()
-            worker.stop()
+            for each in workers:
+                each.stop()
     stored = count_votes(db_url)
     if stored != shape.votes:
         raise RuntimeError(f"{stored} votes stored, {shape.votes} published")
-    return {"db": kind, "votes_per_message": shape.votes_per_message,
+    return {"db": kind, "votes_per_message": shape.votes_per_message, "processes": processes,
             "messages": shape.messages, "votes": shape.votes, "acks": acks.count,
             "seconds": round(seconds, 3), "publish_seconds": round(published, 3),
             "messages_per_s": round(shape.messages / seconds),
@@ -525,11 +537,61 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"total {results['seconds']} s")
 
 
+# The ways of running the worker that ``--compare`` measures side by side at 1 vote/message.
+VARIANTS: dict[str, tuple[int, dict[str, str]]] = {
+    "1 process": (1, {}),
+    "2 processes": (2, {}),
+    "1 process, MQTT 3.1.1": (1, {"PALAUTE_MQTT_PROTOCOL": "3.1.1"}),
+}
+
+
+def compare(repeats: int, quick: bool, variants: list[str]) -> dict[str, Any]:
+    """``repeats`` rounds of: raw broker rate, then each variant on PostgreSQL, back to back.
+
+    The machine is shared and noisy; the ratio of each variant to the raw rate measured in
+    the same round is what compares across rounds.
+    """
+    scale = 0.25 if quick else 1.0
+    workdir = Path(tempfile.mkdtemp(prefix="palaute-ingest-compare-"))
+    bench = Bench(workdir)
+    rounds: list[dict[str, Any]] = []
+    try:
+        bench.postgres.start()
+        shape = generate(workdir, "v1", devices=PUBLISHERS,
+                         messages_per_device=int(2000 * scale), votes_per_message=1)
+        for number in range(repeats):
+            raw = raw_rate(bench, shape)["messages_per_s"]
+            row: dict[str, Any] = {"raw_messages_per_s": raw}
+            for name in variants:
+                processes, env = VARIANTS[name]
+                rate = ingest_rate(bench, shape, "postgres", processes, env)["messages_per_s"]
+                row[name] = {"messages_per_s": rate, "ratio_to_raw": round(rate / raw, 3)}
+            print(f"round {number + 1}: {json.dumps(row)}", flush=True)
+            rounds.append(row)
+    finally:
+        bench.postgres.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(), "messages": shape.messages, "rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write ``bench/results/ingest.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--quick", action="store_true", help="a quarter of the messages")
+    parser.add_argument("--compare", type=int, metavar="ROUNDS", default=0,
+                        help="only compare ways of running the worker at 1 vote/message, "
+                             "this many rounds (writes bench/results/ingest-compare.json)")
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                        help="with --compare: the variants to run (default: all)")
     args = parser.parse_args(argv)
+    if args.compare:
+        compared = compare(args.compare, args.quick, args.variant or list(VARIANTS))
+        path = RESULTS.with_name("ingest-compare.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(compared, indent=2) + "\n")
+        print(f"wrote {path}")
+        return 0
     results = run(args.quick)
     print_table(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

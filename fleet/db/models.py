@@ -112,7 +112,11 @@ class Assignment(Base):
 
 
 class Vote(Base):
-    """One press.  (device_id, seq) is the idempotency key: re-sent votes are ignored."""
+    """One press.  (device_id, seq) is the idempotency key: re-sent votes are ignored.
+
+    On PostgreSQL the two foreign keys are not in the database (migration 0006, for ingest
+    speed); the ingest and the registry keep them true (docs/performance.md).
+    """
 
     __tablename__ = "votes"
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="RESTRICT"),

@@ -34,7 +34,6 @@ from fleet.db.models import Vote
 from fleet.services import registry
 from simulator.harness import Harness, TerminalProcess
 from tests.services.ingest import IngestProcess
-from tests.services.micropython import micropython_command
 from tests.services.mosquitto import MosquittoBroker
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.micropython, pytest.mark.postgres,
@@ -61,14 +60,6 @@ def terminal_config(device_id: str, broker: MosquittoBroker, password: str) -> d
         "min_gap_ms": 0, "burst_count": 0,
     }
 
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    """The control server; every terminal it started is stopped afterwards."""
-    harness = Harness(tmp_path / "terminals", micropython_command())
-    harness.workdir.mkdir()
-    yield harness
-    harness.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ site, and that every terminal's flash log is empty once the fleet has acknowledg
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from fleet.db.models import Vote
 from fleet.services import registry
 from simulator.harness import Harness
 from tests.services.ingest import IngestProcess
-from tests.services.micropython import micropython_command
 from tests.services.mosquitto import MosquittoBroker
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.micropython]
@@ -36,13 +34,6 @@ def terminal_config(device_id: str, broker: MosquittoBroker, password: str) -> d
         "ack_timeout_s": 2, "keepalive_s": 10, "min_gap_ms": 0, "health_interval_s": 3600,
     }
 
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path / "terminals", micropython_command())
-    harness.workdir.mkdir()
-    yield harness
-    harness.close()
 
 
 def test_votes_reach_the_database_exactly_once(

@@ -1,0 +1,163 @@
+"""The ingest worker's paho client, with buffered socket reads.
+
+paho reads each packet with several small ``recv`` calls (the first header byte, each byte of
+the remaining length, then the body): at one vote per message, a third of the network
+thread's time went into those system calls (docs/performance.md).  ``BufferedSocket`` serves
+them from one 64 KiB read instead.  paho already supports sockets that hold data of their own
+(TLS sockets do): it asks ``pending()`` before waiting in ``select`` and reads without waiting
+while it is non-zero, so buffered bytes are never stranded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
+
+READ_SIZE = 65536
+_PUBACK = 0x40
+_PUBACK_HEAD = bytes((_PUBACK, 2))
+
+
+class BufferedSocket:
+    """A connected socket whose ``recv`` is served from a buffer filled by large reads."""
+
+    def __init__(self, sock: SocketLike) -> None:
+        """Wrap the connected ``sock``; everything but reads goes straight to it."""
+        self._sock = sock
+        self._buffer = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes: buffered ones first, else one large read (which may raise
+        ``BlockingIOError`` or return ``b""`` at end of stream, as ``socket.recv`` does)."""
+        if self._pos >= len(self._buffer):
+            data = self._sock.recv(READ_SIZE)
+            if len(data) <= size:
+                self._buffer, self._pos = b"", 0
+                return data
+            self._buffer, self._pos = data, 0
+        end = self._pos + size
+        chunk = self._buffer[self._pos:end]
+        self._pos = min(end, len(self._buffer))
+        return chunk
+
+    def pending(self) -> int:
+        """Bytes readable without touching the socket (paho skips ``select`` while > 0)."""
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buffer) - self._pos + (inner() if inner is not None else 0)
+
+    def send(self, buffer: bytes | bytearray) -> int:
+        """Send as the socket does."""
+        return self._sock.send(buffer)
+
+    def close(self) -> None:
+        """Close the socket and drop what was buffered from it."""
+        self._buffer, self._pos = b"", 0
+        self._sock.close()
+
+    def fileno(self) -> int:
+        """The socket's descriptor (for ``select``)."""
+        return self._sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        """As ``socket.setblocking``."""
+        self._sock.setblocking(flag)
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else paho or a callback may use (setsockopt, getpeername...).
+        return getattr(self._sock, name)
+
+
+class IngestClient(mqtt.Client):
+    """``paho.mqtt.client.Client`` with a leaner receive path for the ingest worker.
+
+    Three hooks into paho-mqtt 2.x internals (pinned ``< 3`` in pyproject.toml; the ingest
+    tests exercise both on every run): connections read through a ``BufferedSocket``, and
+    QoS 0/1 PUBLISH packets under manual acknowledgement are decoded without building the
+    MQTT 5 ``Properties`` object paho makes for every message (a third of the network
+    thread's time at one vote per message; the worker reads no property) and handed straight
+    to ``on_message`` (the worker registers no per-topic callbacks for paho to match); and
+    ``ack_many`` queues the PUBACKs of a committed batch as one write.  Anything else takes
+    paho's own path.
+    """
+
+    _filtered = False  # set once a per-topic callback exists: paho's path matches those
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        """As paho's; afterwards messages take paho's own path, which honours it."""
+        self._filtered = True
+        super().message_callback_add(sub, callback)
+
+    def ack_many(self, mids: list[int]) -> None:
+        """Acknowledge QoS 1 deliveries ``mids`` (manual acks) with one write.
+
+        ``Client.ack`` queues one 4-byte PUBACK per message and wakes the network thread with
+        a system call each time.  Here the PUBACKs are packed into one buffer and queued as a
+        single outgoing packet, which paho writes like any other (partial writes included) and
+        drops with the rest of its queue if the connection is lost, as it would the separate
+        ones (the broker then redelivers those messages).
+        """
+        if not mids:
+            return
+        # PUBACK: 0x40, remaining length 2, packet identifier; the reason code may be left out
+        # when it is "success" (MQTT 5), and MQTT 3.1.1 has none.
+        packet = b"".join(_PUBACK_HEAD + mid.to_bytes(2, "big") for mid in mids)
+        self._packet_queue(_PUBACK, packet, 0, 0)
+
+    def _create_socket(self) -> SocketLike:
+        # Every connection and reconnection is opened here.
+        return BufferedSocket(super()._create_socket())
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if qos > 1 or not self._manual_ack or self._filtered:
+            return super()._handle_publish()
+        message = decode_publish(header, self._in_packet["packet"],
+                                 self._protocol == mqtt.MQTTv5)
+        if message is None:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL  # paho drops the connection
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                on_message(self, self._userdata, message)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def decode_publish(header: int, packet: bytes | bytearray, v5: bool) -> mqtt.MQTTMessage | None:
+    """The message in a PUBLISH packet (``packet``: what follows the fixed header), or None
+    if it is malformed.  MQTT 5 properties are skipped, not decoded."""
+    qos = (header & 0x06) >> 1
+    try:
+        end = 2 + int.from_bytes(packet[0:2], "big")
+        topic = bytes(packet[2:end])
+        mid = 0
+        if qos:
+            mid = int.from_bytes(packet[end:end + 2], "big")
+            end += 2
+        if v5:
+            # Property length: a variable byte integer (at most four bytes).
+            length, shift = 0, 0
+            while True:
+                byte = packet[end]
+                end += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80 or shift == 21:
+                    break
+                shift += 7
+            end += length
+    except IndexError:
+        return None
+    if end > len(packet) or (not v5 and not topic):
+        return None
+    message = mqtt.MQTTMessage(mid=mid, topic=topic)
+    message.qos = qos
+    message.dup = bool(header & 0x08)
+    message.retain = bool(header & 0x01)
+    message.payload = bytes(packet[end:])
+    return message
