@@ -70,6 +70,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     """Run one ingest worker until SIGTERM or Ctrl-C."""
     from fleet.db.engine import make_engine, make_sessionmaker
     from fleet.ingest.worker import IngestWorker
+    from fleet.mqtt_url import parse_mqtt_url
 
     settings = _settings()
     telemetry = None
@@ -100,7 +101,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         server.start()
     try:
         if not worker.wait_ready(args.connect_timeout):
-            print(f"palaute ingest: could not connect and subscribe to {settings.mqtt_url} "
+            target = parse_mqtt_url(settings.mqtt_url)  # never print the password
+            print(f"palaute ingest: could not connect and subscribe to "
+                  f"{target.host}:{target.port} "
                   f"within {args.connect_timeout}s; still retrying", file=sys.stderr)
         logging.getLogger("palaute.ingest").info("ingest worker running")
         stop.wait()

@@ -182,7 +182,7 @@ async def run_demo(*, terminals: int, duration: float | None, api_port: int,
         raise RuntimeError("the ingest worker could not subscribe to the embedded broker")
 
     port = api_port if api_port and _port_available(api_port) else _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(sessions, metrics=metrics),
+    server = uvicorn.Server(uvicorn.Config(create_app(sessions, metrics=metrics, settings=settings),
                                            host="127.0.0.1", port=port, log_level="warning"))
     api_task = asyncio.create_task(server.serve())
     docs = f"http://127.0.0.1:{port}/docs"

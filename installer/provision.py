@@ -207,6 +207,12 @@ def provision_board(port: str, options: Options, printer: Printer) -> Result:
                     if provisioned.rotated else "registered before: credential created")
                 before = None if provisioned.created else options.fleet.presence(
                     result.device_id)
+                if not provisioned.config.get("content_key"):
+                    # Not fatal (votes work), but the terminal would refuse every content
+                    # update (no_key) until someone provisions it again on site.
+                    step.outcome += ("; warning: the fleet has no content-signing key "
+                                     "(PALAUTE_CONTENT_KEY_FILE), so this terminal will "
+                                     "refuse content updates until provisioned again")
             with _step(printer, result, "copy bundle") as step:
                 report = repl.copy_bundle(options.bundle)
                 step.outcome = (f"{len(report.copied)} copied, {len(report.skipped)} "

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from fleet.api.app import create_app
 from fleet.cli import main
 from fleet.config import DEV_SECRET, Settings
+from fleet.content import signing
 from fleet.db.engine import make_engine, make_sessionmaker
 from fleet.db.migrate import upgrade
 from fleet.db.models import Role, Vote
@@ -78,10 +79,11 @@ class Stack:
     settings: Settings
 
 
-def _settings(db_url: str, broker: DynsecMosquittoBroker) -> Settings:
+def _settings(db_url: str, broker: DynsecMosquittoBroker, key_file: Path) -> Settings:
     return Settings(environment="test", secret_key=DEV_SECRET, db_url=db_url,
                     mqtt_url=broker.ingest_url, broker_admin_url=broker.admin_url,
-                    device_mqtt_host=broker.host, device_mqtt_port=broker.port)
+                    device_mqtt_host=broker.host, device_mqtt_port=broker.port,
+                    content_key_file=str(key_file))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, bundle: Path) -> Iterator[St
     with sessions.begin() as session:
         customer = registry.create_customer(session, name="Bench Oy")
         site_id = registry.create_site(session, customer_id=customer.id, name="Lobby").id
-    settings = _settings(db_url, broker)
+    signing.generate_key_file(workdir / "content.key")
+    settings = _settings(db_url, broker, workdir / "content.key")
     api = FleetApi(sessions, settings)
     ingest = IngestProcess(db_url=db_url, mqtt_url=broker.ingest_url, workdir=workdir,
                            worker_id="provision-ingest")
@@ -176,6 +179,9 @@ def test_provision_comes_online_votes_are_stored_and_rerun_rotates(
                                                              "password": WIFI["Lab"]}
     assert (mqtt["host"], mqtt["port"], mqtt["user"]) == (stack.broker.host,
                                                           stack.broker.port, device)
+    # The terminal will check content signatures with the fleet's public key.
+    assert first["content_key"] == signing.public_key_hex(
+        signing.load_configured_key(stack.settings.content_key_file))
     # Secrets never reach the installer's screen, nor the bundle.
     for secret in (mqtt["password"], stack.token, WIFI["Lab"]):
         assert secret not in out + err
