@@ -72,10 +72,16 @@ class VirtualFleet:
         })
         flash = self.root / device_id
         flash.mkdir(parents=True, exist_ok=True)
+        # The firmware may report events while it is being built (content already in flash):
+        # those come before the VirtualTerminal exists and carry nothing it counts.
         holder: list[VirtualTerminal] = []
+
+        def on_event(name: str, data: Any) -> None:
+            for built in holder:
+                built.on_event(name, data)
+
         board = SimBoard(str(flash), broker_host=self.broker_host,
-                         broker_port=self.broker_port, buttons=buttons,
-                         on_event=lambda name, data: holder[0].on_event(name, data))
+                         broker_port=self.broker_port, buttons=buttons, on_event=on_event)
         virtual = VirtualTerminal(device_id, board, Terminal(board, config))
         holder.append(virtual)
         self.terminals.append(virtual)

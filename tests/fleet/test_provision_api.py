@@ -115,7 +115,7 @@ def test_provisioned_device_votes_are_stored_by_ingest(
             "device_id": DEV_A, "created": True, "rotated": False, "site_id": None,
             "config": {"mqtt": {"host": dynsec_mosquitto.host, "port": dynsec_mosquitto.port,
                                 "user": DEV_A, "password": body["config"]["mqtt"]["password"]},
-                       "topic_root": "fb/v1"}}
+                       "topic_root": "fb/v1", "content_key": None}}
         device = fleet.device(DEV_A)
         assert device is not None and device.state is DeviceState.stocked
         assert device.board == "esp32-devkitc"
