@@ -282,8 +282,8 @@ def test_aborting_a_halted_rollout_keeps_the_desired_a_newer_rollout_sent(rig: R
     with rig.sessions.begin() as session:
         service.abort_rollout(session, rollout_id=old)
     assert rig.tick(T0 + 3000) == []  # the canary's desired now belongs to the newer rollout
-    held = retained_desired(rig.broker, ids[:1])
-    assert held[ids[0]] is not None and held[ids[0]]["version"] == 3
+    held = retained_desired(rig.broker, ids[:1])[ids[0]]
+    assert held is not None and held["version"] == 3
     rig.report(ids[0], 3)
     assert sorted(d for d, _ in rig.tick(T0 + 4000)) == ids[1:]
     for device_id in ids[1:]:
