@@ -96,8 +96,11 @@ class BrokerPublisher:
         reconnect) is dropped with it."""
         old, self._client = self._client, self._new_client()
         self.connected.clear()
-        old.loop_stop()  # first, so the old client cannot reconnect and flush its queue
+        # disconnect() first: a disconnecting client's loop never reconnects (so never
+        # flushes its queue), and loop_stop() alone would wait while unacknowledged
+        # messages remain, until the keepalive gives up.
         old.disconnect()
+        old.loop_stop()
         log.warning("broker connection reset; messages not acknowledged were dropped")
         if self._started:
             self._client.connect_async(self._target.host, self._target.port, keepalive=30)
