@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.rollouts import service
 from fleet.rollouts.engine import RolloutEngine
@@ -34,16 +35,35 @@ pytestmark = pytest.mark.mosquitto
 PALAUTE = Path(sys.executable).parent / "palaute"
 
 
-def test_the_engine_process_delivers_and_stops_on_sigterm(
-        mosquitto: MosquittoBroker, db_url: str, tmp_path: Path) -> None:
-    ids = device_ids(3, prefix="0000ee")
+def _site_rollout(db_url: str, ids: list[str], version: int
+                  ) -> tuple[sessionmaker[Session], int]:
+    """A site of ``ids``, content ``version`` and a running rollout of it to the site."""
     sessions = sessions_for(db_url)
     with sessions.begin() as session:
         site_id = make_fleet(session, ids)
-        store_content(session, 7)
+        store_content(session, version)
         rollout_id = service.create_rollout(session, plan=RolloutPlan(
-            content_version=7, target_kind="site", target_ref=str(site_id)),
+            content_version=version, target_kind="site", target_ref=str(site_id)),
             packages=StoredPackages()).id
+    return sessions, rollout_id
+
+
+def _connected_publisher(broker: MosquittoBroker, client_id: str, *,
+                         timeout_s: float) -> BrokerPublisher:
+    """A started publisher (admin account) once it is connected; the caller stops it."""
+    publisher = BrokerPublisher(broker.url_for(broker.admin_user, broker.admin_password),
+                                client_id, timeout_s=timeout_s)
+    publisher.start()
+    if not publisher.connected.wait(10):
+        publisher.stop()
+        raise AssertionError("the publisher did not connect")
+    return publisher
+
+
+def test_the_engine_process_delivers_and_stops_on_sigterm(
+        mosquitto: MosquittoBroker, db_url: str, tmp_path: Path) -> None:
+    ids = device_ids(3, prefix="0000ee")
+    sessions, rollout_id = _site_rollout(db_url, ids, 7)
     watcher = Watcher(mosquitto)
     env = dict(os.environ, PALAUTE_DB_URL=db_url, PALAUTE_ENVIRONMENT="test",
                PALAUTE_MQTT_URL=mosquitto.url_for(mosquitto.admin_user,
@@ -72,20 +92,10 @@ def test_the_engine_process_delivers_and_stops_on_sigterm(
 def test_a_tick_failing_while_the_broker_is_down_sends_nothing_after_the_restart(
         mosquitto: MosquittoBroker, db_url: str) -> None:
     ids = device_ids(3, prefix="0000ef")
-    sessions = sessions_for(db_url)
-    with sessions.begin() as session:
-        site_id = make_fleet(session, ids)
-        store_content(session, 7)
-        rollout_id = service.create_rollout(session, plan=RolloutPlan(
-            content_version=7, target_kind="site", target_ref=str(site_id)),
-            packages=StoredPackages()).id
-    publisher = BrokerPublisher(mosquitto.url_for(mosquitto.admin_user,
-                                                  mosquitto.admin_password), "engine-down",
-                                timeout_s=2)
-    publisher.start()
+    sessions, rollout_id = _site_rollout(db_url, ids, 7)
+    publisher = _connected_publisher(mosquitto, "engine-down", timeout_s=2)
     engine = RolloutEngine(sessions, StoredPackages(), publisher)
     try:
-        assert publisher.connected.wait(10)
         mosquitto.stop()
         wait_until(lambda: not publisher.connected.is_set(), 15, "the publisher to notice")
         with pytest.raises(ConnectionError, match="not connected"):
@@ -109,20 +119,10 @@ def test_a_tick_failing_while_the_broker_is_down_sends_nothing_after_the_restart
 def test_after_a_failed_tick_the_next_one_publishes_what_the_database_records(
         mosquitto: MosquittoBroker, db_url: str) -> None:
     ids = device_ids(2, prefix="0000f0")
-    sessions = sessions_for(db_url)
-    with sessions.begin() as session:
-        site_id = make_fleet(session, ids)
-        store_content(session, 8)
-        rollout_id = service.create_rollout(session, plan=RolloutPlan(
-            content_version=8, target_kind="site", target_ref=str(site_id)),
-            packages=StoredPackages()).id
-    publisher = BrokerPublisher(mosquitto.url_for(mosquitto.admin_user,
-                                                  mosquitto.admin_password), "engine-again",
-                                timeout_s=2)
-    publisher.start()
+    sessions, rollout_id = _site_rollout(db_url, ids, 8)
+    publisher = _connected_publisher(mosquitto, "engine-again", timeout_s=2)
     engine = RolloutEngine(sessions, StoredPackages(), publisher)
     try:
-        assert publisher.connected.wait(10)
         mosquitto.kill()
         wait_until(lambda: not publisher.connected.is_set(), 15, "the publisher to notice")
         with pytest.raises(ConnectionError):
@@ -140,14 +140,10 @@ def test_after_a_failed_tick_the_next_one_publishes_what_the_database_records(
 
 def test_a_publish_the_broker_never_acknowledges_resets_the_connection(
         mosquitto: MosquittoBroker) -> None:
-    publisher = BrokerPublisher(mosquitto.url_for(mosquitto.admin_user,
-                                                  mosquitto.admin_password), "engine-frozen",
-                                timeout_s=1)
-    publisher.start()
+    publisher = _connected_publisher(mosquitto, "engine-frozen", timeout_s=1)
     pid = mosquitto.pid
     assert pid is not None
     try:
-        assert publisher.connected.wait(10)
         os.kill(pid, signal.SIGSTOP)  # a hung broker: the TCP connection stays up
         try:
             with pytest.raises(ConnectionError, match="unsent messages dropped"):
