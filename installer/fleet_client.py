@@ -121,10 +121,16 @@ class FleetClient:
             return TokenRejected(f"the fleet rejected the installer token (HTTP {code}: "
                                  f"{detail}): check --token / PALAUTE_INSTALLER_TOKEN; it "
                                  "must be an installer's token")
-        if code == 409:
+        if code == 409 and detail.startswith(f"device {device_id} is retired"):
             return DeviceRetired(f"device {device_id} is retired in the fleet ({detail}): "
                                  "a retired terminal is not provisioned again; set this "
                                  "board aside and tell the fleet admin")
+        if code == 409:
+            # Any other conflict (an assignment that cannot be made, say) is not a reason to
+            # discard the board: the fleet's detail says what to put right.
+            return FleetError(f"the fleet refused to provision device {device_id} (HTTP 409: "
+                              f"{detail}): ask the fleet coordinator to put this right, "
+                              "then run again")
         if code == 404:
             return FleetError(f"the fleet answered 404 ({detail}): check --site")
         if code == 503:

@@ -103,9 +103,17 @@ class ContentStore:
             self.boot_error = "storage_error: %s" % exc
         return self.current
 
-    def commit(self):
-        """Make the verified ``content.tmp`` current: one atomic rename over content.bin."""
+    def commit(self, version=None):
+        """Make the verified ``content.tmp`` current: one atomic rename over content.bin.
+
+        ``version`` is the one the signature and the downgrade check were made for: a package
+        whose own header says otherwise is refused (``bad_package``) before the rename, so
+        the version shown is always the version that was signed.
+        """
         content = load(self.tmp_path, self.width, self.height)
+        if version is not None and content.version != version:
+            raise PackageError("bad_package", "package says version %d, desired was %d"
+                               % (content.version, version))
         os.rename(self.tmp_path, self.bin_path)
         content.path = self.bin_path
         self.current = content

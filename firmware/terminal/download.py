@@ -127,7 +127,7 @@ async def _finish(u, job):
         u.refuse(job, "bad_signature")
         return
     try:
-        content = u.store.commit()
+        content = u.store.commit(version)
     except PackageError as exc:
         u.emit("bad_package", str(exc))
         u.refuse(job, exc.reason)

@@ -38,11 +38,18 @@ def device_role(device_id: str) -> str:
 
 
 def device_acls(device_id: str, topic_root: str) -> list[Acl]:
-    """Publish, receive, subscribe and unsubscribe only below ``{root}/d/{id}/``."""
+    """Subscribe to and receive everything below ``{root}/d/{id}/``; publish only its uplinks.
+
+    A device never sends on the fleet's downlinks (``desired``, ``ack``, ``chunk``,
+    ``cmd``): otherwise a terminal, or whoever holds its credential, could retain a
+    ``desired`` of its own and mask the fleet's until the next rollout.
+    """
     device_role(device_id)  # validates the id
-    own = Topics(topic_root).device(device_id, "#")
-    return [_acl(kind, own) for kind in ("publishClientSend", "publishClientReceive",
-                                         "subscribePattern", "unsubscribePattern")]
+    topics = Topics(topic_root)
+    own = topics.device(device_id, "#")
+    acls = [_acl("publishClientSend", topics.device(device_id, leaf)) for leaf in FROM_DEVICES]
+    return acls + [_acl(kind, own) for kind in ("publishClientReceive", "subscribePattern",
+                                                "unsubscribePattern")]
 
 
 def ingest_acls(topic_root: str, shared_group: str) -> list[Acl]:

@@ -278,6 +278,7 @@ class RolloutDeviceState(enum.StrEnum):
     refused = "refused"
     timed_out = "timed_out"
     superseded = "superseded"  # a newer rollout took the device over
+    retired = "retired"  # the device was retired before this rollout finished with it
 
 
 class Selection(Base):

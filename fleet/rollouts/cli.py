@@ -62,13 +62,14 @@ def _print_status(session: Any, rollout_id: int) -> None:
           f"{rollout.success_threshold}%, failure {rollout.failure_threshold}%, device "
           f"timeout {rollout.device_timeout_s}s")
     states = ("pending", "offline", "delivered", "applied", "refused", "timed_out",
-              "superseded")
+              "superseded", "retired")
     print(f"{'wave':<8}" + "".join(f"{s:>11}" for s in states) + f"{'total':>8}")
     rows = [(str(w), counts.waves[w]) for w in sorted(counts.waves)] + [("all", counts.total)]
     for name, per_state in rows:
         print(f"{name:<8}" + "".join(f"{per_state.get(s, 0):>11}" for s in states)
               + f"{sum(per_state.values()):>8}")
-    refused = [r for r in service.rollout_devices(session, rollout_id) if r.reason]
+    refused = [r for r in service.rollout_devices(session, rollout_id)
+               if r.state == "refused" and r.reason]
     for row in refused:
         print(f"refused: {row.device_id} ({row.reason})")
 

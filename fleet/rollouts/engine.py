@@ -12,7 +12,9 @@ A tick, per rollout, in its own transaction:
    starts the next wave: its entries become ``delivered`` (device online) or ``offline``, and
    ``desired`` is published, retained, for each; after the last wave it completes;
 5. an aborted rollout clears ``desired`` (empty retained message) of every entry that had it
-   and did not apply, once.
+   and did not apply, once, except on devices a newer rollout has since sent its own;
+6. retired devices (registry.retire_device marks their unfinished entries ``retired``, which
+   no count includes) get their ``desired`` cleared, once.
 
 Safe when several processes tick at once: every change is a conditional ``UPDATE`` (state as
 it was read) and only the process whose update matched publishes.  ``desired`` is published
@@ -29,14 +31,23 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from fleet.db.models import Device, Rollout, RolloutDevice, RolloutDeviceState, RolloutState
 from fleet.protocol.v1 import MAX_CHUNK, Topics, encode_desired
 from fleet.rollouts.packages import PackageSource
+from fleet.services.registry import RETIRED_NOT_CLEARED
 
 log = logging.getLogger("palaute.rollouts")
 S = RolloutDeviceState
+# Entries whose outcome no longer counts for their rollout.
+UNCOUNTED = (S.superseded, S.retired)
+# A newer rollout's entry in one of these states means that rollout published its own
+# ``desired`` to the device, so an older rollout must not clear it.
+SENT = (S.offline, S.delivered, S.applied, S.refused, S.timed_out)
+# ``RolloutDevice.reason`` of a retired entry once the engine cleared the device's
+# ``desired`` (before: registry.RETIRED_NOT_CLEARED).
+RETIRED_CLEARED = "desired cleared"
 
 
 class Publisher(Protocol):
@@ -51,6 +62,7 @@ class Publisher(Protocol):
 class TickResult:
     """What one tick did, for logs and tests."""
 
+    ticked: list[int] = field(default_factory=list)  # rollouts looked at
     waves_started: list[tuple[int, int]] = field(default_factory=list)  # (rollout, wave)
     halted: list[int] = field(default_factory=list)
     completed: list[int] = field(default_factory=list)
@@ -74,21 +86,44 @@ class RolloutEngine:
         """Advance every live rollout once; ``now`` is epoch ms (tests pass their own)."""
         result = TickResult()
         with self.sessions() as session:
-            # A completed rollout still follows devices that have not answered yet (their
-            # presence and timeouts); one whose devices all answered needs nothing more.
+            # A completed rollout still follows devices that have not answered yet: a
+            # delivered one's timeout, an offline one once it is online again.  Offline
+            # devices that stay away cost nothing: the rollout is not ticked for them.
             waiting = select(RolloutDevice.rollout_id).where(
                 RolloutDevice.rollout_id == Rollout.id,
-                RolloutDevice.state.in_((S.offline, S.delivered))).exists()
+                (RolloutDevice.state == S.delivered)
+                | ((RolloutDevice.state == S.offline) & RolloutDevice.device_id.in_(
+                    select(Device.id).where(Device.online.is_(True))))).exists()
             ids = list(session.scalars(select(Rollout.id).where(
                 Rollout.state.in_((RolloutState.running, RolloutState.paused,
                                    RolloutState.halted))
                 | ((Rollout.state == RolloutState.completed) & waiting)
                 | ((Rollout.state == RolloutState.aborted) & Rollout.cleared_ms.is_(None)))
                 .order_by(Rollout.id)))
+        result.ticked.extend(ids)
         for rollout_id in ids:
             with self.sessions.begin() as session:
                 self._tick_one(session, rollout_id, now, result)
+        with self.sessions.begin() as session:
+            self._clear_retired(session, now, result)
         return result
+
+    def _clear_retired(self, session: Session, now: int, result: TickResult) -> None:
+        """Publish an empty retained ``desired`` to devices retired mid-rollout, once."""
+        not_cleared = (RolloutDevice.state == S.retired,
+                       RolloutDevice.reason == RETIRED_NOT_CLEARED)
+        devices = sorted(set(session.scalars(select(RolloutDevice.device_id)
+                                             .where(*not_cleared))))
+        if not devices:
+            return
+        # Two processes may both get here; clearing twice is harmless (same empty message).
+        session.execute(update(RolloutDevice).where(
+            *not_cleared, RolloutDevice.device_id.in_(devices))
+            .values(reason=RETIRED_CLEARED, updated_ms=now))
+        self.publish.publish_all([(self.topics.device(d, "desired"), b"") for d in devices],
+                                 retain=True)
+        result.cleared += len(devices)
+        log.info("cleared desired of %d retired devices", len(devices))
 
     # -- one rollout -----------------------------------------------------------------------
     def _tick_one(self, session: Session, rollout_id: int, now: int,
@@ -135,7 +170,7 @@ class RolloutEngine:
                 wave: int | None = None) -> dict[RolloutDeviceState, int]:
         query = (select(RolloutDevice.state, func.count())
                  .where(RolloutDevice.rollout_id == rollout_id,
-                        RolloutDevice.state != S.superseded)
+                        RolloutDevice.state.notin_(UNCOUNTED))
                  .group_by(RolloutDevice.state))
         query = (query.where(RolloutDevice.wave == wave) if wave is not None
                  else query.where(RolloutDevice.wave <= upto_wave))
@@ -166,11 +201,11 @@ class RolloutEngine:
                 return
             size = session.scalar(select(func.count()).where(
                 RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave == following,
-                RolloutDevice.state != S.superseded)) or 0
+                RolloutDevice.state.notin_(UNCOUNTED))) or 0
             if size:
                 self._start_wave(session, rollout, following, now, result)
                 return
-            current = following  # an empty wave (no canary, or all superseded) passes
+            current = following  # an empty wave (no canary, all superseded/retired) passes
 
     def _start_wave(self, session: Session, rollout: Rollout, wave: int, now: int,
                     result: TickResult) -> None:
@@ -210,10 +245,23 @@ class RolloutEngine:
             Rollout.id == rollout.id, Rollout.cleared_ms.is_(None)).values(cleared_ms=now))
         if won.rowcount != 1:  # type: ignore[attr-defined]
             return
-        devices = list(session.scalars(select(RolloutDevice.device_id).where(
-            RolloutDevice.rollout_id == rollout.id,
-            RolloutDevice.state.in_((S.offline, S.delivered, S.timed_out, S.refused)))
-            .order_by(RolloutDevice.device_id)))
+        asked = (RolloutDevice.rollout_id == rollout.id,
+                 RolloutDevice.state.in_((S.offline, S.delivered, S.timed_out, S.refused)))
+        # A refused entry is never superseded, so a newer rollout may already own the
+        # device's ``desired``.  Lock the newer entries first: a wave of a newer rollout
+        # starting at this moment then either finishes (and is seen below) or waits for
+        # this commit and publishes after our empty message.
+        newer = aliased(RolloutDevice)
+        session.execute(select(newer.rollout_id, newer.device_id).where(
+            newer.rollout_id > rollout.id,
+            newer.device_id.in_(select(RolloutDevice.device_id).where(*asked)))
+            .with_for_update())
+        taken_over = select(newer.device_id).where(
+            newer.device_id == RolloutDevice.device_id, newer.rollout_id > rollout.id,
+            newer.state.in_(SENT)).exists()
+        devices = list(session.scalars(select(RolloutDevice.device_id)
+                                       .where(*asked, ~taken_over)
+                                       .order_by(RolloutDevice.device_id)))
         self.publish.publish_all([(self.topics.device(d, "desired"), b"") for d in devices],
                                  retain=True)
         result.cleared += len(devices)

@@ -28,24 +28,41 @@ log = logging.getLogger("palaute.rollouts")
 
 
 class BrokerPublisher:
-    """A paho client whose ``__call__`` publishes with QoS 1 and waits for the PUBACK."""
+    """A paho client whose ``__call__`` publishes with QoS 1 and waits for the PUBACK.
+
+    Nothing may reach the broker after a failed publish: the caller rolls its transaction
+    back, so a message paho still holds would later tell a device something the database
+    never recorded (e.g. a ``desired`` of a rollout aborted meanwhile).  So it refuses to
+    publish while disconnected (paho would queue the message and send it after the
+    reconnect), and after any failure it throws the client away, with whatever it still
+    queues, and connects a new one.
+    """
 
     def __init__(self, mqtt_url: str, client_id: str, *, timeout_s: float = 10.0) -> None:
         """Prepare the client; :meth:`start` connects."""
         self.timeout_s = timeout_s
+        self.client_id = client_id
         self._target = parse_mqtt_url(mqtt_url)
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=mqtt.MQTTv311)
-        if self._target.username:
-            self._client.username_pw_set(self._target.username, self._target.password)
-        # A wave publishes many messages at once; let more than paho's default 20 be in flight.
-        self._client.max_inflight_messages_set(1000)
         self.connected = threading.Event()
-        self._client.on_connect = lambda *_args: self.connected.set()
-        self._client.on_disconnect = lambda *_args: self.connected.clear()
+        self._started = False
+        self._client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=mqtt.MQTTv311)
+        if self._target.username:
+            client.username_pw_set(self._target.username, self._target.password)
+        # A wave publishes many messages at once; let more than paho's default 20 be in flight.
+        client.max_inflight_messages_set(1000)
+        # Only the current client's events count: a discarded one may still report late.
+        client.on_connect = lambda c, *_: self.connected.set() if c is self._client else None
+        client.on_disconnect = lambda c, *_: (self.connected.clear() if c is self._client
+                                              else None)
+        return client
 
     def start(self) -> None:
         """Connect in the background (paho reconnects by itself)."""
+        self._started = True
         self._client.connect_async(self._target.host, self._target.port, keepalive=30)
         self._client.loop_start()
 
@@ -56,17 +73,42 @@ class BrokerPublisher:
     def publish_all(self, messages: Sequence[tuple[str, bytes]], *, retain: bool) -> None:
         """Publish every ``(topic, payload)``, then wait until the broker acknowledged them
         all (in flight together, so a wave of thousands costs round trips once, not each);
-        raise ConnectionError if it does not within the timeout."""
-        infos = [(topic, self._client.publish(topic, payload, qos=1, retain=retain))
-                 for topic, payload in messages]
+        raise ConnectionError if not connected, or if they are not acknowledged within the
+        timeout (then nothing still unsent goes out later)."""
+        if not messages:
+            return
+        if not self.connected.is_set():
+            raise ConnectionError("not connected to the broker; nothing was published")
         deadline = time.monotonic() + self.timeout_s + len(messages) / 1000
-        for topic, info in infos:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            if not info.is_published():
-                raise ConnectionError(f"the broker did not acknowledge {topic} in time")
+        try:
+            infos = [(topic, self._client.publish(topic, payload, qos=1, retain=retain))
+                     for topic, payload in messages]
+            for topic, info in infos:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                if not info.is_published():
+                    raise ConnectionError(f"the broker did not acknowledge {topic} in time")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._discard_client()
+            raise ConnectionError(f"publishing failed, unsent messages dropped: {exc}") from exc
+
+    def _discard_client(self) -> None:
+        """Replace the client: the old one's queue (messages paho would send after a
+        reconnect) is dropped with it."""
+        old, self._client = self._client, self._new_client()
+        self.connected.clear()
+        # disconnect() first: a disconnecting client's loop never reconnects (so never
+        # flushes its queue), and loop_stop() alone would wait while unacknowledged
+        # messages remain, until the keepalive gives up.
+        old.disconnect()
+        old.loop_stop()
+        log.warning("broker connection reset; messages not acknowledged were dropped")
+        if self._started:
+            self._client.connect_async(self._target.host, self._target.port, keepalive=30)
+            self._client.loop_start()
 
     def stop(self) -> None:
         """Disconnect."""
+        self._started = False
         self._client.disconnect()
         self._client.loop_stop()
 

@@ -9,6 +9,9 @@ nothing here publishes.
 Overlapping rollouts: creating a rollout *supersedes* every unfinished entry (pending,
 offline, delivered, timed out) of its devices in older rollouts; those entries stop counting
 towards the older rollouts' waves, and ``reported`` messages update only the newest entry.
+
+Retiring a device (fleet/services/registry.py) turns its unfinished entries ``retired``: they
+stop counting too, and the engine clears the device's retained ``desired``.
 """
 
 from __future__ import annotations
@@ -322,7 +325,7 @@ def desired_to_repeat(session: Session, report: Reported) -> tuple[int, str] | N
                Rollout.state)
         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
         .where(RolloutDevice.device_id == report.device_id,
-               RolloutDevice.state.notin_((S.superseded, S.pending)))
+               RolloutDevice.state.notin_((S.superseded, S.pending, S.retired)))
         .order_by(RolloutDevice.rollout_id.desc()).limit(1)).first()
     if entry is None:
         return None
@@ -347,7 +350,7 @@ def apply_reported(session: Session, report: Reported, now: int) -> int | None:
         select(RolloutDevice, Rollout.content_version)
         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
         .where(RolloutDevice.device_id == report.device_id,
-               RolloutDevice.state.notin_((S.superseded, S.pending)))
+               RolloutDevice.state.notin_((S.superseded, S.pending, S.retired)))
         .order_by(RolloutDevice.rollout_id.desc()).limit(1)).first()
     if entry is None:
         return None

@@ -28,15 +28,29 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select
+from sqlalchemy import Select, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fleet.db.models import Assignment, Customer, Device, DeviceState, Role, Site, User
+from fleet.db.models import (
+    Assignment,
+    Customer,
+    Device,
+    DeviceState,
+    Role,
+    RolloutDevice,
+    RolloutDeviceState,
+    Site,
+    User,
+)
 from fleet.db.models import Vote as VoteRow
 from fleet.protocol.v1 import DEVICE_ID_RE
 from fleet.services import audit
 from fleet.services.clock import now_ms
+
+# ``RolloutDevice.reason`` of an entry retire_device turned ``retired``, until the rollout
+# engine has cleared the device's retained ``desired``.
+RETIRED_NOT_CLEARED = "desired not cleared yet"
 
 # --------------------------------------------------------------------------- errors
 
@@ -554,6 +568,18 @@ def retire_device(session: Session, *, device_id: str, actor: User | None = None
         closed = {"assignment_id": current.id, "site_id": current.site_id, "end_ms": now}
     before = device.state.value
     device.state = DeviceState.retired
+    # Its broker account goes too (provisioning.retire_device), and the broker may not
+    # publish its will: it is offline from now on, whatever its last status said.
+    device.online = False
+    # Rollouts must neither wait for nor fail on a device that will never answer: its
+    # unfinished entries leave every count, and the engine clears its retained desired
+    # (fleet/rollouts/engine.py).
+    session.execute(update(RolloutDevice).where(
+        RolloutDevice.device_id == device_id,
+        RolloutDevice.state.in_((RolloutDeviceState.pending, RolloutDeviceState.offline,
+                                 RolloutDeviceState.delivered, RolloutDeviceState.timed_out)))
+        .values(state=RolloutDeviceState.retired, reason=RETIRED_NOT_CLEARED,
+                started_ms=None, updated_ms=now))
     session.flush()
     audit.record(session, user=actor, action="retire", entity="device", entity_id=device_id,
                  detail={"before": {"state": before}, "after": {"state": "retired"},

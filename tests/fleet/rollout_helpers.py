@@ -134,3 +134,34 @@ def sessions_for(db_url: str) -> sessionmaker[Session]:
     from fleet.db.engine import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(db_url))
+
+
+def retained_desired(broker: MosquittoBroker, ids: Sequence[str]
+                     ) -> dict[str, dict[str, object] | None]:
+    """The retained ``desired`` the broker holds now for each of ``ids`` (None: none).
+
+    A fresh subscriber gets the retained messages right after its subscription; a marker
+    it publishes itself afterwards (on a topic no Watcher hears) comes back behind them, so
+    no waiting on silence."""
+    marker = "fb/v1/probe/retained-marker"
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rollout-retained")
+    client.username_pw_set(broker.admin_user, broker.admin_password)
+    client.on_message = lambda _c, _u, m: got.put((m.topic, bytes(m.payload)))
+    client.on_subscribe = lambda c, *_: c.publish(marker, b"marker", qos=1)
+    client.on_connect = lambda c, *_: c.subscribe(
+        [(f"fb/v1/d/{d}/desired", 1) for d in ids] + [(marker, 1)])
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        held: dict[str, dict[str, object] | None] = {d: None for d in ids}
+        while True:
+            topic, payload = got.get(timeout=10)
+            if topic == marker:
+                return held
+            device_id, document = desired_of((topic, payload, True))
+            if device_id in held:
+                held[device_id] = document
+    finally:
+        client.disconnect()
+        client.loop_stop()

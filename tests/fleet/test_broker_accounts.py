@@ -2,10 +2,13 @@
 
 What Mosquitto 2.0.11 with the dynamic-security plugin really does, asserted here:
 
-* a device may publish and subscribe only below ``fb/v1/d/<its id>/``; a subscription to
-  ``#`` or to another device's topics gets SUBACK 0x80 (failure) — unlike the ACL file,
-  the plugin checks subscriptions;
-* a publish to another device's topic is PUBACKed (3.1.1 cannot refuse) and dropped;
+* a device may subscribe only below ``fb/v1/d/<its id>/``; a subscription to ``#`` or to
+  another device's topics gets SUBACK 0x80 (failure) — unlike the ACL file, the plugin
+  checks subscriptions;
+* a device may publish only its own uplinks (votes, health, status, reported, fetch,
+  cmd/result); a publish to another device's topic, or to one of its own downlinks (a
+  retained ``desired`` of its own making, say), is PUBACKed (3.1.1 cannot refuse), dropped
+  and not retained;
 * deleting a client disconnects it at once, and so does changing its password;
 * the ACL check sees shared subscriptions with their ``$share/<group>/`` prefix, so the
   ingest account is granted exactly its own group.
@@ -159,6 +162,47 @@ def test_device_uses_its_own_topics_and_no_others(dynsec_mosquitto: Broker,
     fleet.publish(f"fb/v1/d/{DEV_A}/ack", b"ack")
     assert device.receive_until(b"ack") == [(f"fb/v1/d/{DEV_A}/votes", b"own"),
                                             (f"fb/v1/d/{DEV_A}/ack", b"ack")]
+
+
+def publish_retained(client: WatchedClient, topic: str, payload: bytes) -> None:
+    """Publish retained at QoS 1 and wait for the PUBACK (3.1.1 PUBACKs refused ones too)."""
+    info = client.client.publish(topic, payload, qos=1, retain=True)
+    info.wait_for_publish(timeout=10)
+    assert info.is_published(), f"no PUBACK for {topic}"
+
+
+def test_device_sends_only_its_uplinks_and_cannot_mask_the_fleets_desired(
+        dynsec_mosquitto: Broker, request: pytest.FixtureRequest) -> None:
+    password = new_password()
+    accounts_of(dynsec_mosquitto).set_device(DEV_A, password)
+    own = f"fb/v1/d/{DEV_A}/"
+    uplinks = ("votes", "health", "status", "reported", "fetch", "cmd/result")
+    fleet = ingest_login(request, dynsec_mosquitto)
+    codes = fleet.subscribe(*(f"fb/v1/d/+/{leaf}" for leaf in uplinks))
+    assert [r.value for r in codes] == [1] * len(uplinks)
+    publish_retained(fleet, own + "desired", b"fleet's desired")
+
+    device = login(request, dynsec_mosquitto, DEV_A, password)
+    assert [r.value for r in device.subscribe(own + "#")] == [1]
+    assert device.receive_until(b"fleet's desired") == [(own + "desired", b"fleet's desired")]
+    # Its own downlinks, retained: acknowledged (3.1.1 cannot refuse) and dropped.
+    for leaf in ("desired", "ack", "chunk", "cmd"):
+        publish_retained(device, own + leaf, b"forged " + leaf.encode())
+    for leaf in uplinks:
+        device.publish(own + leaf, leaf.encode())
+    sent = [(own + leaf, leaf.encode()) for leaf in uplinks]
+    # The fleet gets every uplink; the device's own subscription sees only their echoes (a
+    # forgery, sent before them on the same connection, would have come first).
+    assert fleet.receive_until(b"cmd/result") == sent
+    assert device.receive_until(b"cmd/result") == sent
+
+    # Nothing forged was retained: a new session gets the fleet's desired and no retained
+    # ack, chunk or cmd (retained messages arrive before anything published later).
+    again = login(request, dynsec_mosquitto, DEV_A, password)
+    assert [r.value for r in again.subscribe(own + "#")] == [1]
+    fleet.publish(own + "ack", b"end")
+    assert again.receive_until(b"end") == [(own + "desired", b"fleet's desired"),
+                                           (own + "ack", b"end")]
 
 
 def test_ingest_account_may_not_act_as_a_device_or_join_other_groups(

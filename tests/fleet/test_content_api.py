@@ -136,14 +136,19 @@ def test_roles(api: Api) -> None:
     customer = api.call("POST", "/customers", api.coordinator, 201,
                         json={"name": "Viewer Oy"}).json()["id"]
     viewer = make_user(api.sessions, Role.customer_viewer, customer_id=customer)
-    for reader in (ops, installer, api.admin):
-        api.call("GET", "/content", reader, 200)
-        api.call("GET", "/content/1/preview.png", reader, 200)
+    reads = ("/content", "/content/1", "/content/1/preview.png", "/content/1/package")
+    for reader in (ops, api.coordinator, api.admin):
+        for path in reads:
+            api.call("GET", path, reader, 200)
     for user in (ops, installer, viewer):
         detail = api.call("POST", "/content", user, 403, json=BODY).json()["detail"]
         assert "may not do this" in detail
-    for path in ("/content", "/content/1", "/content/1/preview.png", "/content/1/package"):
-        api.call("GET", path, viewer, 403)
+    # Neither a customer viewer nor an installer token reads content: a version may carry
+    # any customer's questions, and an installer only registers and provisions terminals.
+    for path in reads:
+        for outsider in (viewer, installer):
+            detail = api.call("GET", path, outsider, 403).json()["detail"]
+            assert detail.endswith("may not do this (needs admin, coordinator, ops)")
         api.call("GET", path, {}, 401)
     assert api.call("POST", "/content", api.admin, 201, json=BODY).json()["version"] == 2
 

@@ -10,17 +10,21 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from fleet.api.app import create_app
 from fleet.broker.dynsec import DynsecAccounts
 from fleet.config import Settings
 from fleet.db.engine import make_engine, make_sessionmaker
-from fleet.db.models import Assignment, AuditEntry, Device, DeviceState, Role
+from fleet.db.models import Assignment, AuditEntry, Device, DeviceState, Role, RolloutDevice
 from fleet.db.models import Vote as VoteRow
+from fleet.rollouts import service
+from fleet.rollouts.packages import StoredPackages
+from fleet.rollouts.service import RolloutPlan
 from fleet.services.clock import now_ms
 from tests.fleet.auth_helpers import make_user
 from tests.fleet.broker_helpers import login
+from tests.fleet.rollout_helpers import store_content
 from tests.services.common import free_port, wait_until
 from tests.services.ingest import IngestProcess
 from tests.services.mosquitto import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORISED
@@ -208,6 +212,31 @@ def test_retiring_while_the_broker_is_down_changes_nothing(
     dynsec_mosquitto.start()
     assert fleet.call("POST", f"/devices/{DEV_A}/retire", fleet.ops).status_code == 200
     assert dynsec_mosquitto.connack_code(user, password) == CONNACK_NOT_AUTHORISED
+
+
+def test_retiring_mid_rollout_takes_the_device_out_of_the_rollout(fleet: Fleet) -> None:
+    site_id = fleet.site()
+    fleet.provision(DEV_A, site_id=site_id)
+    fleet.provision(DEV_B, site_id=site_id)
+    with fleet.sessions.begin() as session:
+        session.execute(update(Device).values(online=True))
+        store_content(session, 4)
+        rollout_id = service.create_rollout(session, plan=RolloutPlan(
+            content_version=4, target_kind="site", target_ref=str(site_id)),
+            packages=StoredPackages()).id
+        session.execute(update(RolloutDevice).values(state="delivered", started_ms=1))
+    assert fleet.call("POST", f"/devices/{DEV_A}/retire", fleet.ops).status_code == 200
+    with fleet.sessions() as session:
+        rows = {r.device_id: r for r in service.rollout_devices(session, rollout_id)}
+    assert (rows[DEV_A].state.value, rows[DEV_A].reason) == ("retired", "desired not cleared yet")
+    assert rows[DEV_A].started_ms is None
+    assert rows[DEV_B].state.value == "delivered"  # the other device goes on
+    a, b = fleet.device(DEV_A), fleet.device(DEV_B)
+    assert a is not None and a.online is False
+    assert b is not None and b.online is True
+    listed = fleet.call("GET", f"/rollouts/{rollout_id}", fleet.ops)
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["counts"] == {"retired": 1, "delivered": 1}
 
 
 # -- errors: nothing half-done --------------------------------------------------------------

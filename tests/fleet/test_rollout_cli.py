@@ -24,10 +24,10 @@ def test_rollout_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
     assert out[0] == f"rollout 1: content version 6 to site {site_id}, running"
     assert out[1].startswith("waves: canary, then 50%, 100%; current wave none yet")
     assert out[2].split() == ["wave", "pending", "offline", "delivered", "applied", "refused",
-                              "timed_out", "superseded", "total"]
-    assert out[3].split() == ["0", "1", "0", "0", "0", "0", "0", "0", "1"]
-    assert out[4].split() == ["1", "2", "0", "0", "0", "0", "0", "0", "2"]
-    assert out[6].split() == ["all", "4", "0", "0", "0", "0", "0", "0", "4"]
+                              "timed_out", "superseded", "retired", "total"]
+    assert out[3].split() == ["0", "1", "0", "0", "0", "0", "0", "0", "0", "1"]
+    assert out[4].split() == ["1", "2", "0", "0", "0", "0", "0", "0", "0", "2"]
+    assert out[6].split() == ["all", "4", "0", "0", "0", "0", "0", "0", "0", "4"]
     assert main(["rollout", "pause", "1"]) == 0
     assert capsys.readouterr().out == "rollout 1 is paused\n"
     assert main(["rollout", "pause", "1"]) == 2

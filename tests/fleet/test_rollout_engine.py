@@ -20,12 +20,14 @@ from fleet.rollouts.engine import RolloutEngine
 from fleet.rollouts.packages import StoredPackages
 from fleet.rollouts.runner import BrokerPublisher
 from fleet.rollouts.service import RolloutPlan
+from fleet.services import registry
 from fleet.services.registry import Conflict, Invalid, NotFound
 from tests.fleet.rollout_helpers import (
     Watcher,
     desired_of,
     device_ids,
     make_fleet,
+    retained_desired,
     sessions_for,
     set_online,
     store_content,
@@ -44,6 +46,7 @@ class Rig:
     watcher: Watcher
     site_id: int
     ids: list[str]
+    broker: MosquittoBroker
 
     def tick(self, now: int) -> list[tuple[str, dict[str, object] | None]]:
         """One tick; the desired messages it published, in order."""
@@ -75,6 +78,15 @@ class Rig:
             return rollout.state, rollout.current_wave
 
 
+    def retire(self, device_id: str) -> None:
+        with self.sessions.begin() as session:
+            registry.retire_device(session, device_id=device_id)
+
+    def ticked(self, now: int) -> list[int]:
+        """The rollouts one tick looked at."""
+        return self.engine.tick(now).ticked
+
+
 @pytest.fixture
 def rig(mosquitto: MosquittoBroker, db_url: str) -> Iterator[Rig]:
     sessions = sessions_for(db_url)
@@ -89,7 +101,7 @@ def rig(mosquitto: MosquittoBroker, db_url: str) -> Iterator[Rig]:
     assert publisher.connected.wait(10)
     watcher = Watcher(mosquitto)
     yield Rig(sessions, RolloutEngine(sessions, StoredPackages(), publisher), publisher,
-              watcher, site_id, ids)
+              watcher, site_id, ids, mosquitto)
     watcher.close()
     publisher.stop()
 
@@ -255,3 +267,105 @@ def test_bad_plans_are_refused_with_reasons(rig: Rig) -> None:
         selection_id = selection.id
     rollout_id = rig.create(target_kind="selection", target_ref=str(selection_id))
     assert sorted(rig.states(rollout_id)) == ids[:2]
+
+
+def test_aborting_a_halted_rollout_keeps_the_desired_a_newer_rollout_sent(rig: Rig) -> None:
+    ids = rig.ids
+    old = rig.create(canary=[ids[0]], waves=[100], failure_threshold=10)
+    assert [d for d, _ in rig.tick(T0)] == [ids[0]]
+    rig.report(ids[0], 1, "refused", desired=2, reason="bad_signature")
+    rig.tick(T0 + 1000)
+    assert rig.rollout(old)[0] == RolloutState.halted
+    new = rig.create(content_version=3, canary=[ids[0]], waves=[100], success_threshold=100)
+    assert rig.states(old)[ids[0]] == "refused"  # finished entries are never superseded
+    assert [(d, doc and doc["version"]) for d, doc in rig.tick(T0 + 2000)] == [(ids[0], 3)]
+    with rig.sessions.begin() as session:
+        service.abort_rollout(session, rollout_id=old)
+    assert rig.tick(T0 + 3000) == []  # the canary's desired now belongs to the newer rollout
+    held = retained_desired(rig.broker, ids[:1])[ids[0]]
+    assert held is not None and held["version"] == 3
+    rig.report(ids[0], 3)
+    assert sorted(d for d, _ in rig.tick(T0 + 4000)) == ids[1:]
+    for device_id in ids[1:]:
+        rig.report(device_id, 3)
+    rig.tick(T0 + 5000)
+    assert rig.rollout(new) == (RolloutState.completed, 1)
+    assert set(rig.states(new).values()) == {"applied"}
+
+
+def test_aborting_clears_a_device_whose_newer_rollout_has_not_sent_yet(rig: Rig) -> None:
+    ids = rig.ids
+    old = rig.create(canary=[ids[0]], waves=[100], failure_threshold=10)
+    rig.tick(T0)
+    rig.report(ids[0], 1, "refused", desired=2, reason="downgrade")
+    rig.tick(T0 + 1000)
+    # The newer rollout's canary is another device: ids[0] waits, pending, in its wave 1.
+    new = rig.create(content_version=3, canary=[ids[1]], waves=[100], success_threshold=100)
+    assert [d for d, _ in rig.tick(T0 + 2000)] == [ids[1]]
+    with rig.sessions.begin() as session:
+        service.abort_rollout(session, rollout_id=old)
+    assert rig.tick(T0 + 3000) == [(ids[0], None)]  # the old desired must not linger
+    rig.report(ids[1], 3)
+    assert ids[0] in [d for d, _ in rig.tick(T0 + 4000)]  # the newer one sends its own
+    assert rig.states(new)[ids[0]] == "delivered"
+
+
+def test_a_retired_canary_of_one_neither_blocks_nor_halts_the_rollout(rig: Rig) -> None:
+    ids = rig.ids
+    rollout_id = rig.create(canary=[ids[0]], waves=[100], success_threshold=100,
+                            failure_threshold=0)
+    assert [d for d, _ in rig.tick(T0)] == [ids[0]]
+    rig.retire(ids[0])
+    assert rig.states(rollout_id)[ids[0]] == "retired"
+    with rig.sessions() as session:
+        assert session.scalar(select(Device.online).where(Device.id == ids[0])) is False
+    published = rig.tick(T0 + 1000)
+    # The canary wave is empty now, so wave 1 starts; the retired device's desired is cleared.
+    assert published == [(d, published[0][1]) for d in ids[1:]] + [(ids[0], None)]
+    assert retained_desired(rig.broker, ids[:1]) == {ids[0]: None}
+    for device_id in ids[1:]:
+        rig.report(device_id, 2)
+    assert rig.tick(T0 + 2000) == []  # cleared once
+    assert rig.rollout(rollout_id) == (RolloutState.completed, 1)
+    with rig.sessions() as session:
+        counts = service.rollout_counts(session, rollout_id)
+    assert counts.total == {"applied": 9, "retired": 1}
+    assert rig.ticked(T0 + 3000) == []  # nothing left to follow
+
+
+def test_a_retired_device_that_timed_out_does_not_halt_the_rollout(rig: Rig) -> None:
+    ids = rig.ids
+    rollout_id = rig.create(canary=ids[:2], waves=[100], failure_threshold=10,
+                            device_timeout_s=60)
+    rig.tick(T0)
+    rig.report(ids[0], 2)
+    rig.tick(T0 + 61_000)
+    assert rig.states(rollout_id)[ids[1]] == "timed_out"
+    assert rig.rollout(rollout_id)[0] == RolloutState.halted
+    rig.retire(ids[1])
+    with rig.sessions.begin() as session:
+        service.resume_rollout(session, rollout_id=rollout_id)
+    published = [d for d, _ in rig.tick(T0 + 62_000)]
+    assert published == [*ids[2:], ids[1]]  # wave 1, then the retired device's clearing
+    assert rig.rollout(rollout_id) == (RolloutState.running, 1)
+
+
+def test_a_completed_rollout_is_ticked_only_while_it_has_something_to_follow(rig: Rig) -> None:
+    ids = rig.ids
+    with rig.sessions.begin() as session:
+        set_online(session, [ids[9]], False)
+    rollout_id = rig.create(success_threshold=50, device_timeout_s=60)
+    rig.tick(T0)
+    for device_id in ids[:9]:
+        rig.report(device_id, 2)
+    rig.tick(T0 + 1000)
+    assert rig.rollout(rollout_id)[0] == RolloutState.completed
+    assert rig.ticked(T0 + 2000) == []  # its one offline device may never come back
+    with rig.sessions.begin() as session:
+        set_online(session, [ids[9]], True)
+    assert rig.ticked(T0 + 3000) == [rollout_id]
+    assert rig.states(rollout_id)[ids[9]] == "delivered"  # its timeout runs from now
+    assert rig.ticked(T0 + 4000) == [rollout_id]
+    assert rig.ticked(T0 + 64_000) == [rollout_id]
+    assert rig.states(rollout_id)[ids[9]] == "timed_out"
+    assert rig.ticked(T0 + 65_000) == []

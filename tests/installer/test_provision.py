@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,28 @@ def test_retired_device_is_refused(stack: Stack, pty_board_factory: Callable[...
     code, _out, err = provision(capsys, "--port", board.port, *stack_args(stack))
     assert_one_line_error(code, err, "device pt-dead00000001 is retired in the fleet",
                           "set this board aside")
+    assert not (board.flash_dir / "config.json").exists()
+
+
+def test_other_conflicts_show_the_fleets_detail_not_retired(
+        stack: Stack, pty_board_factory: Callable[..., PtyBoard],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A 409 that is not about retirement (here: the device's assignment only starts
+    # tomorrow) must not tell the installer to throw the board away.
+    board = pty_board_factory(bytes.fromhex("dead00000002"))
+    tomorrow = int(time.time() * 1000) + 86_400_000
+    with stack.sessions.begin() as session:
+        registry.register_device(session, device_id="pt-dead00000002", board="esp32-devkitc")
+        registry.assign_device(session, device_id="pt-dead00000002", site_id=stack.site_id,
+                               at_ms=tomorrow)
+        customer = registry.create_customer(session, name="Conflict Oy")
+        other_site = registry.create_site(session, customer_id=customer.id, name="Hall").id
+    code, _out, err = provision(capsys, "--port", board.port, "--site", str(other_site),
+                                *stack_args(stack))
+    line = assert_one_line_error(code, err, "refused to provision device pt-dead00000002",
+                                 "HTTP 409", f"assigned to site {stack.site_id} since "
+                                 f"{tomorrow}", "run again")
+    assert "retired" not in line and "set this board aside" not in line
     assert not (board.flash_dir / "config.json").exists()
 
 

@@ -1,9 +1,11 @@
 """Content versions: what terminals ask, rendered and signed (docs/content.md).
 
-Coordinators (and admins) create versions; staff (coordinator, ops, installer) read them,
-their previews and packages.  Customer viewers have no access: content is fleet-wide, and a
-version may hold another customer's questions.  Versions are immutable: there is no update or
-delete; rolling back means creating the old content again as a new version.
+Coordinators (and admins) create versions; coordinators and ops read them, their previews
+and packages.  Customer viewers and installers have no access: content is fleet-wide, and a
+version may hold another customer's questions (an installer token only registers and
+provisions terminals; the terminal fetches its content over MQTT, not through the API).
+Versions are immutable: there is no update or delete; rolling back means creating the old
+content again as a new version.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fleet.services.registry import Invalid
 
 router = APIRouter(prefix="/content", tags=["content"], responses=ERRORS)
 
-Reader = Annotated[User, Depends(require(Role.coordinator, Role.ops, Role.installer))]
+Reader = Annotated[User, Depends(require(Role.coordinator, Role.ops))]
 Writer = Annotated[User, Depends(require(Role.coordinator))]
 VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="content version")]
 Display = Literal["128x64", "296x128"]

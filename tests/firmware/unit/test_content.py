@@ -133,8 +133,13 @@ def test_commit_swaps_atomically_and_refuses_a_bad_tmp():
     write(root + "/content.tmp", simple_package(3)[:-1])  # one byte short: screen cut
     assert raises(PackageError, store.commit).reason == "bad_package"
     assert store.version == 2 and load(root + "/content.bin", 128, 64).version == 2
+    # A package whose own version is not the one that was signed never becomes current.
+    write(root + "/content.tmp", simple_package(4))
+    error = raises(PackageError, store.commit, 3)
+    assert error.reason == "bad_package" and "says version 4" in str(error)
+    assert store.version == 2 and load(root + "/content.bin", 128, 64).version == 2
     write(root + "/content.tmp", simple_package(3))
-    assert store.commit().version == 3
+    assert store.commit(3).version == 3
     assert store.version == 3 and not exists(root + "/content.tmp")
     assert load(root + "/content.bin", 128, 64).version == 3
 

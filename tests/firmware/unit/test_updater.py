@@ -205,6 +205,10 @@ def test_every_download_refusal_keeps_the_old_content():
             ("bad_signature", simple_package(3), {"seed": 9}),  # signed by another key
             ("bad_package", simple_package(3)[:-3], {}),  # signed, but a screen is cut
             ("wrong_display", simple_package(3, 296, 128), {}),
+            # Signed and downgrade-checked as version 3, but the package itself says 4 (or
+            # 1): the version shown must be the one that was signed.
+            ("bad_package", simple_package(4), {}),
+            ("bad_package", simple_package(1), {}),
         ]
         for reason, package, kwargs in cases:
             updater, wire, store, applied = make(old)
