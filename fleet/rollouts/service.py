@@ -20,8 +20,9 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
 from fleet.db.models import (
@@ -310,6 +311,15 @@ def abort_rollout(session: Session, *, rollout_id: int, actor: User | None = Non
 
 
 # --------------------------------------------------------------------------- reported
+def _newest_entry(device_id: str, *columns: Any) -> Select[Any]:
+    """``columns`` of the device's newest rollout entry that its reports can still change
+    (not superseded by a newer rollout, not waiting for its wave, not retired)."""
+    return (select(*columns).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+            .where(RolloutDevice.device_id == device_id,
+                   RolloutDevice.state.notin_((S.superseded, S.pending, S.retired)))
+            .order_by(RolloutDevice.rollout_id.desc()).limit(1))
+
+
 def desired_to_repeat(session: Session, report: Reported) -> tuple[int, str] | None:
     """``(version, display)`` of the ``desired`` a device should have but does not know of.
 
@@ -320,13 +330,9 @@ def desired_to_repeat(session: Session, report: Reported) -> tuple[int, str] | N
     before the retained ``desired`` arrives, and repeating it then would be noise (or undo
     a deliberate change of ``desired`` made meanwhile).
     """
-    entry = session.execute(
-        select(Rollout.content_version, RolloutDevice.display, RolloutDevice.state,
-               Rollout.state)
-        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-        .where(RolloutDevice.device_id == report.device_id,
-               RolloutDevice.state.notin_((S.superseded, S.pending, S.retired)))
-        .order_by(RolloutDevice.rollout_id.desc()).limit(1)).first()
+    entry = session.execute(_newest_entry(
+        report.device_id, Rollout.content_version, RolloutDevice.display, RolloutDevice.state,
+        Rollout.state)).first()
     if entry is None:
         return None
     version, display, state, rollout_state = entry
@@ -346,12 +352,8 @@ def apply_reported(session: Session, report: Reported, now: int) -> int | None:
     """
     session.execute(update(Device).where(Device.id == report.device_id)
                     .values(content_version=report.version, last_seen_ms=now))
-    entry = session.execute(
-        select(RolloutDevice, Rollout.content_version)
-        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-        .where(RolloutDevice.device_id == report.device_id,
-               RolloutDevice.state.notin_((S.superseded, S.pending, S.retired)))
-        .order_by(RolloutDevice.rollout_id.desc()).limit(1)).first()
+    entry = session.execute(_newest_entry(report.device_id, RolloutDevice,
+                                          Rollout.content_version)).first()
     if entry is None:
         return None
     row, version = entry
