@@ -288,6 +288,20 @@ def ingest_rate(bench: Bench, shape: Shape, kind: str, processes: int = 1,
             published = time.monotonic() - started
             if not acks.done.wait(600):
                 raise RuntimeError(f"not every device was acked\n{worker.log_tail()}")
+            # With several workers on the shared subscription, one can ack a device's last
+            # seq while another still holds earlier messages of it: the clock stops when
+            # every vote is committed (one count query when a single worker already did).
+            engine = make_engine(db_url)
+
+            def all_committed() -> bool:
+                with engine.connect() as connection:  # a fresh snapshot every time
+                    return connection.scalar(
+                        select(func.count()).select_from(VoteRow)) == shape.votes
+            try:
+                wait_until(all_committed, 120,
+                           f"{shape.votes} votes committed\n{worker.log_tail()}", 0.01)
+            finally:
+                engine.dispose()
             seconds = time.monotonic() - started
             peak = 0
             for each in workers:
@@ -582,6 +596,7 @@ def compare(repeats: int, quick: bool, variants: list[str],
             raw = raw_rate(bench, shape)["messages_per_s"]
             row: dict[str, Any] = {"raw_messages_per_s": raw}
             for name, (processes, env) in ways.items():
+                print(f"  {name} ...", flush=True)
                 rate = ingest_rate(bench, shape, "postgres", processes, env)["messages_per_s"]
                 row[name] = {"messages_per_s": rate, "ratio_to_raw": round(rate / raw, 3)}
             print(f"round {number + 1}: {json.dumps(row)}", flush=True)
