@@ -15,6 +15,7 @@ dictionary updates each) and one ``MQTTMessage`` object per message.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
 
 READ_SIZE = 65536
+# Socket reads per ``loop_read`` while they bring only PUBLISH packets (then paho's loop gets
+# its turn: writes, keepalive).
+READS_PER_LOOP = 8
 # (topic, payload, packet identifier, QoS) of one received PUBLISH.
 Delivery = tuple[bytes, bytes, int, int]
 _PUBACK = 0x40
@@ -39,11 +43,19 @@ class BufferedSocket:
         self._sock = sock
         self._buffer = b""
         self._pos = 0
+        # What a ``fill`` met instead of data, reported by the next ``recv`` as the socket
+        # would have: end of stream (b"") or the error.
+        self._end: bytes | OSError | None = None
 
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes: buffered ones first, else one large read (which may raise
         ``BlockingIOError`` or return ``b""`` at end of stream, as ``socket.recv`` does)."""
         if self._pos >= len(self._buffer):
+            met, self._end = self._end, None
+            if isinstance(met, OSError):
+                raise met
+            if met is not None:
+                return met
             data = self._sock.recv(READ_SIZE)
             if len(data) <= size:
                 self._buffer, self._pos = b"", 0
@@ -53,6 +65,25 @@ class BufferedSocket:
         chunk = self._buffer[self._pos:end]
         self._pos = min(end, len(self._buffer))
         return chunk
+
+    def fill(self) -> bool:
+        """Append one read of the socket to the unread bytes; False if it brought nothing
+        (no data yet, or an end or error that the next ``recv`` reports)."""
+        if self._end is not None:
+            return False
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError as exc:
+            self._end = exc
+            return False
+        if not data:
+            self._end = b""
+            return False
+        self._buffer = self._buffer[self._pos:] + data if self._pos < len(self._buffer) else data
+        self._pos = 0
+        return True
 
     def buffered(self) -> tuple[bytes, int]:
         """The buffer and the position of its first unread byte (see ``consume``)."""
@@ -141,20 +172,28 @@ class IngestClient(mqtt.Client):
         sock = self._sock
         if (type(sock) is BufferedSocket and self.on_deliveries is not None
                 and self._in_packet["command"] == 0 and self._lean()):
-            self._deliver_buffered(sock, self.on_deliveries)
+            # Read and hand over while the socket brings whole PUBLISH packets; paho's
+            # one-packet-per-loop path costs a select and several calls per message.
+            for _ in range(READS_PER_LOOP):
+                if not self._deliver_buffered(sock, self.on_deliveries) or not sock.fill():
+                    break
         # Then paho reads one packet its own way: one it must see (not a QoS 0/1 PUBLISH),
         # an incomplete one, or the first of the next read from the socket.
         return super().loop_read(max_packets)
 
     def _deliver_buffered(self, sock: BufferedSocket,
-                          deliver: Callable[[list[Delivery]], None]) -> None:
+                          deliver: Callable[[list[Delivery]], None]) -> bool:
+        """Hand over the complete QoS 0/1 PUBLISH packets at the start of the buffer; True
+        if only an incomplete one (or nothing) is left: reading the socket may bring more."""
         buffer, pos = sock.buffered()
         size = len(buffer)
         v5 = self._protocol == mqtt.MQTTv5
         batch: list[Delivery] = []
+        stop = False
         while pos < size:
             header = buffer[pos]
             if header & 0xF0 != 0x30 or header & 0x06 > 0x02:
+                stop = True
                 break  # not a PUBLISH at QoS 0 or 1
             # The remaining length, a variable byte integer of at most four bytes.
             length, shift, at = 0, 0, pos + 1
@@ -166,23 +205,26 @@ class IngestClient(mqtt.Client):
                     break
                 shift += 7
             else:
-                break  # incomplete here, or malformed: paho reads it and decides
+                # Incomplete, or (shift past 21) malformed: paho reads it and decides.
+                stop = shift > 21
+                break
             end = at + length
             if end > size:
                 break
             fields = decode_fields(header, buffer, at, end, v5)
             if fields is None:
+                stop = True
                 break  # malformed: paho's path reads it again and drops the connection
             topic, mid, start = fields
             batch.append((topic, buffer[start:end], mid, (header & 0x06) >> 1))
             pos = end
-        if not batch:
-            return
-        sock.consume(pos)
-        with self._msgtime_mutex:
-            self._last_bytes_received = mqtt.time_func()
-        with self._in_callback_mutex:
-            deliver(batch)
+        if batch:
+            sock.consume(pos)
+            with self._msgtime_mutex:
+                self._last_bytes_received = mqtt.time_func()
+            with self._in_callback_mutex:
+                deliver(batch)
+        return not stop
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]

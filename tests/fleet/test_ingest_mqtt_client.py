@@ -226,3 +226,21 @@ def test_buffered_publishes_are_handed_over_in_one_list_up_to_what_paho_must_rea
         finally:
             left.close()
             right.close()
+
+
+def test_fill_appends_to_unread_bytes_and_leaves_the_end_of_stream_to_recv() -> None:
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        buffered = BufferedSocket(right)
+        assert not buffered.fill()  # nothing sent yet: no wait, nothing buffered
+        left.sendall(b"abc")
+        assert buffered.fill() and buffered.recv(1) == b"a"
+        left.sendall(b"def")
+        assert buffered.fill() and buffered.buffered() == (b"bcdef", 0)
+        left.close()
+        assert not buffered.fill()  # end of stream: held back while bytes are unread
+        assert buffered.recv(10) == b"bcdef"
+        assert buffered.recv(1) == b""
+    finally:
+        right.close()
