@@ -25,6 +25,9 @@ Every device is registered (bulk insert) before the runs.  Prints a table and wr
 ``--compare N`` measures only the 1-vote shape on PostgreSQL, N rounds of: the raw rate, then
 each way of running the worker (``VARIANTS``: one or two processes on the shared
 subscription, MQTT 3.1.1), back to back, and writes ``bench/results/ingest-compare.json``.
+With ``--baseline COMMIT`` each round also runs the worker of that commit (its ``fleet/``
+exported with ``git archive`` and put first on ``PYTHONPATH``), one and two processes: a
+before/after comparison in the same rounds.
 """
 
 from __future__ import annotations
@@ -285,6 +288,20 @@ def ingest_rate(bench: Bench, shape: Shape, kind: str, processes: int = 1,
             published = time.monotonic() - started
             if not acks.done.wait(600):
                 raise RuntimeError(f"not every device was acked\n{worker.log_tail()}")
+            # With several workers on the shared subscription, one can ack a device's last
+            # seq while another still holds earlier messages of it: the clock stops when
+            # every vote is committed (one count query when a single worker already did).
+            engine = make_engine(db_url)
+
+            def all_committed() -> bool:
+                with engine.connect() as connection:  # a fresh snapshot every time
+                    return connection.scalar(
+                        select(func.count()).select_from(VoteRow)) == shape.votes
+            try:
+                wait_until(all_committed, 120,
+                           f"{shape.votes} votes committed\n{worker.log_tail()}", 0.01)
+            finally:
+                engine.dispose()
             seconds = time.monotonic() - started
             peak = 0
             for each in workers:
@@ -545,7 +562,20 @@ VARIANTS: dict[str, tuple[int, dict[str, str]]] = {
 }
 
 
-def compare(repeats: int, quick: bool, variants: list[str]) -> dict[str, Any]:
+def baseline_variants(commit: str, workdir: Path) -> dict[str, tuple[int, dict[str, str]]]:
+    """Variants running the ``fleet/`` package of ``commit`` (exported into ``workdir``)."""
+    root = Path(__file__).resolve().parent.parent
+    target = workdir / f"baseline-{commit}"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "fleet"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    env = {"PYTHONPATH": str(target)}
+    return {f"{commit} 1 process": (1, env), f"{commit} 2 processes": (2, env)}
+
+
+def compare(repeats: int, quick: bool, variants: list[str],
+            baseline: str | None = None) -> dict[str, Any]:
     """``repeats`` rounds of: raw broker rate, then each variant on PostgreSQL, back to back.
 
     The machine is shared and noisy; the ratio of each variant to the raw rate measured in
@@ -555,6 +585,9 @@ def compare(repeats: int, quick: bool, variants: list[str]) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="palaute-ingest-compare-"))
     bench = Bench(workdir)
     rounds: list[dict[str, Any]] = []
+    ways = {name: VARIANTS[name] for name in variants}
+    if baseline:
+        ways = {**baseline_variants(baseline, workdir), **ways}
     try:
         bench.postgres.start()
         shape = generate(workdir, "v1", devices=PUBLISHERS,
@@ -562,8 +595,8 @@ def compare(repeats: int, quick: bool, variants: list[str]) -> dict[str, Any]:
         for number in range(repeats):
             raw = raw_rate(bench, shape)["messages_per_s"]
             row: dict[str, Any] = {"raw_messages_per_s": raw}
-            for name in variants:
-                processes, env = VARIANTS[name]
+            for name, (processes, env) in ways.items():
+                print(f"  {name} ...", flush=True)
                 rate = ingest_rate(bench, shape, "postgres", processes, env)["messages_per_s"]
                 row[name] = {"messages_per_s": rate, "ratio_to_raw": round(rate / raw, 3)}
             print(f"round {number + 1}: {json.dumps(row)}", flush=True)
@@ -584,9 +617,12 @@ def main(argv: list[str] | None = None) -> int:
                              "this many rounds (writes bench/results/ingest-compare.json)")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                         help="with --compare: the variants to run (default: all)")
+    parser.add_argument("--baseline", metavar="COMMIT",
+                        help="with --compare: also run the worker of this git commit")
     args = parser.parse_args(argv)
     if args.compare:
-        compared = compare(args.compare, args.quick, args.variant or list(VARIANTS))
+        compared = compare(args.compare, args.quick, args.variant or list(VARIANTS),
+                           args.baseline)
         path = RESULTS.with_name("ingest-compare.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(compared, indent=2) + "\n")

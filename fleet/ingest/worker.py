@@ -1,7 +1,8 @@
 """The ingest worker (``palaute ingest``).
 
-A paho-mqtt network thread receives messages into a bounded queue; a parser thread takes them
-in batches and validates them; a writer thread stores every vote of a batch in one
+A paho-mqtt network thread receives messages into a bounded inbox (a list of them per socket
+read, ``fleet/ingest/mqtt_client.py``); a parser thread takes them in batches and validates
+them; a writer thread stores every vote of a batch in one
 transaction, commits, and only then publishes the ``ack`` messages and acknowledges the MQTT
 deliveries to the broker.  (Two threads so that validating the next batch overlaps with the
 database storing this one; batches stay in arrival order.)  A worker
@@ -20,9 +21,9 @@ worker is connected and its writer is making progress, for ``/healthz``
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -40,7 +41,7 @@ from fleet.db.models import Assignment, Device, Site
 from fleet.ingest import content_requests
 from fleet.ingest.content_requests import ContentMessage, ContentRequests
 from fleet.ingest.metrics import Kind, Metrics
-from fleet.ingest.mqtt_client import IngestClient
+from fleet.ingest.mqtt_client import Delivery, IngestClient
 from fleet.ingest.presence import PresenceSweeper
 from fleet.mqtt_url import parse_mqtt_url
 from fleet.protocol.v1 import (
@@ -61,6 +62,9 @@ LEAVES = ("votes", "health", "status", *content_requests.LEAVES)
 # /healthz fails when the writer loop has not come round for this long (it does every 0.2 s
 # when idle): a hung database call or a dead thread.
 WRITER_STALL_S = 60.0
+# Parsed topics kept (10,000 devices x a handful of leaves fit); emptied when full, so a flood
+# of made-up topics costs parsing, never memory.
+TOPIC_CACHE_MAX = 100_000
 
 _devices = cast(Table, Device.__table__)
 # One executemany per batch for all health samples and one for all status messages: with
@@ -103,18 +107,10 @@ class TelemetrySink(Protocol):
 
 
 @dataclass(slots=True)
-class _Message:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-
-
-@dataclass(slots=True)
 class _Prepared:
     """A batch after validation, ready for its transaction (parser -> writer thread)."""
 
-    messages: list[_Message]
+    messages: list[Delivery]
     now: int
     vote_batches: list[VoteBatch]
     health: dict[str, dict[str, Any]]
@@ -169,7 +165,13 @@ class IngestWorker:
         self.presence = PresenceSweeper(health_interval_s)
         self._writer_beat = time.monotonic()
         self._db_failing = False
-        self._queue: queue.Queue[_Message] = queue.Queue(self.queue_max)
+        # Received, not yet validated: the network thread appends whole reads, the parser
+        # takes from the left (deque appends and pops are atomic, so no lock per message).
+        # ``_arrived`` wakes an idle parser; ``_space`` a network thread waiting for room.
+        self._inbox: deque[Delivery] = deque()
+        self._arrived = threading.Event()
+        self._space = threading.Event()
+        self._topic_cache: dict[bytes, tuple[str, str]] = {}
         # The hand-over slot between the parser and the writer (one batch at most).
         self._slot: _Prepared | None = None
         self._slot_changed = threading.Condition()
@@ -190,6 +192,7 @@ class IngestWorker:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_deliveries = self._on_deliveries
         self._client.on_subscribe = self._on_subscribe
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         for name, text, kind in METRICS:
@@ -236,33 +239,56 @@ class IngestWorker:
             log.warning("lost the broker connection (%s); reconnecting", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # What paho's own path delivers (QoS 2; the lean path hands over everything else).
+        self._on_deliveries([(msg._topic, bytes(msg.payload), msg.mid, msg.qos)])
+
+    def _on_deliveries(self, deliveries: list[Delivery]) -> None:
+        inbox = self._inbox
+        inbox.extend(deliveries)
+        if not self._arrived.is_set():
+            self._arrived.set()
         # Blocks the network thread when the writer falls behind: back-pressure to the broker,
         # which keeps the messages queued instead of this process growing without bound.
-        self._queue.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        while len(inbox) >= self.queue_max and not self._stop.is_set():
+            self._space.clear()
+            if len(inbox) < self.queue_max:
+                break
+            self._space.wait(0.2)
 
     # -- parser and writer threads -------------------------------------------------------------
-    def _drain(self, timeout: float, limit: int) -> list[_Message]:
-        """Up to ``limit`` queued messages, waiting at most ``timeout`` for the first one."""
-        try:
-            chunk = [self._queue.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while len(chunk) < limit:
-            try:
-                chunk.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+    def _drain(self, timeout: float, limit: int) -> list[Delivery]:
+        """Up to ``limit`` received messages, waiting at most ``timeout`` for the first one."""
+        inbox = self._inbox
+        if not inbox:
+            # Cleared before looking again: a delivery after this point sets it.
+            self._arrived.clear()
+            if not inbox and not self._arrived.wait(timeout):
+                return []
+        popleft = inbox.popleft
+        chunk = [popleft() for _ in range(min(limit, len(inbox)))]
+        if not self._space.is_set():
+            self._space.set()
         return chunk
 
-    def _refuse(self, message: _Message, reason: str, detail: str) -> None:
+    def _refuse(self, message: Delivery, reason: str, detail: str) -> None:
         self.metrics.inc("palaute_ingest_refused_total", reason=reason)
-        log.warning("refused message on %s: %s", message.topic, detail)
+        log.warning("refused message on %s: %s", message[0].decode(errors="replace"), detail)
 
-    def process(self, messages: list[_Message]) -> None:
+    def _parse_topic(self, topic: bytes) -> tuple[str, str]:
+        """``(device_id, leaf)`` of a device topic (cached), or ProtocolError."""
+        parsed = self._topic_cache.get(topic)
+        if parsed is None:
+            parsed = self.topics.parse(topic.decode(errors="replace"))
+            if len(self._topic_cache) >= TOPIC_CACHE_MAX:
+                self._topic_cache.clear()
+            self._topic_cache[topic] = parsed
+        return parsed
+
+    def process(self, messages: list[Delivery]) -> None:
         """Validate, store and acknowledge one batch of messages, in the calling thread."""
         self.store(self.prepare(messages))
 
-    def prepare(self, messages: list[_Message]) -> _Prepared:
+    def prepare(self, messages: list[Delivery]) -> _Prepared:
         """Validate one batch: refuse (and count) what is malformed (parser thread)."""
         now = self.clock()
         vote_batches: list[VoteBatch] = []
@@ -272,23 +298,25 @@ class IngestWorker:
         # Counted here and added once per batch: one locked increment per message would be a
         # measurable share of the per-message cost at 1 vote per message.
         received: dict[str, int] = {}
+        max_bytes = self.settings.ingest_max_payload
+        max_future_ms = self.settings.ingest_max_future_ms
+        parse_topic = self._parse_topic
         for message in messages:
             try:
-                device_id, leaf = self.topics.parse(message.topic)
+                device_id, leaf = parse_topic(message[0])
                 received[leaf] = received.get(leaf, 0) + 1
+                payload = message[1]
                 if leaf == "votes":
                     vote_batches.append(parse_votes(
-                        device_id, message.payload, max_bytes=self.settings.ingest_max_payload,
-                        now_ms=now, max_future_ms=self.settings.ingest_max_future_ms))
+                        device_id, payload, max_bytes=max_bytes, now_ms=now,
+                        max_future_ms=max_future_ms))
                 elif leaf == "health":
-                    health[device_id] = parse_object(
-                        message.payload, max_bytes=self.settings.ingest_max_payload)
+                    health[device_id] = parse_object(payload, max_bytes=max_bytes)
                 elif leaf == "status":
-                    status = parse_object(message.payload,
-                                          max_bytes=self.settings.ingest_max_payload)
+                    status = parse_object(payload, max_bytes=max_bytes)
                     presence[device_id] = status.get("online") is True
                 elif leaf in content_requests.LEAVES:
-                    content.append(self.content.parse(device_id, leaf, message.payload))
+                    content.append(self.content.parse(device_id, leaf, payload))
             except ProtocolError as exc:
                 self._refuse(message, exc.reason, str(exc))
         for leaf, count in received.items():
@@ -344,13 +372,13 @@ class IngestWorker:
             self._handle_content(prepared.content, now)
         self._ack_deliveries(messages)
 
-    def _ack_deliveries(self, messages: list[_Message]) -> None:
+    def _ack_deliveries(self, messages: list[Delivery]) -> None:
         """Acknowledge the committed deliveries to the broker, the whole batch in one write
         (at one vote per message, one write per PUBACK was a measurable share of the time)."""
-        self._client.ack_many([message.mid for message in messages if message.qos == 1])
-        for message in messages:
-            if message.qos == 2:  # the subscriptions are QoS 1, so never; kept correct anyway
-                self._client.ack(message.mid, message.qos)
+        self._client.ack_many([mid for _, _, mid, qos in messages if qos == 1])
+        for _, _, mid, qos in messages:
+            if qos == 2:  # the subscriptions are QoS 1, so never; kept correct anyway
+                self._client.ack(mid, qos)
 
     def _handle_content(self, content: list[ContentMessage], now: int) -> None:
         try:
@@ -420,7 +448,7 @@ class IngestWorker:
             # becoming free (its hand-over slot is checked after every chunk).
             chunk = (self._drain(0.2 if pending is None else 0.005, min(500, batch_max - size))
                      if size < batch_max else [])
-            self.metrics.set("palaute_ingest_queue_depth", self._queue.qsize())
+            self.metrics.set("palaute_ingest_queue_depth", len(self._inbox))
             if chunk:
                 try:
                     prepared = self.prepare(chunk)

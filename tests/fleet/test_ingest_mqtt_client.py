@@ -91,8 +91,9 @@ class Receiver:
     """An ``IngestClient`` (MQTT 5, manual acks) that lets the broker have ``window``
     deliveries in flight, collecting what arrives."""
 
-    def __init__(self, broker: MosquittoBroker, window: int) -> None:
+    def __init__(self, broker: MosquittoBroker, window: int, *, lists: bool = False) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.list_sizes: list[int] = []
         self.subscribed = threading.Event()
         self.connects = 0
         self.disconnected = threading.Event()
@@ -100,6 +101,8 @@ class Receiver:
                                    protocol=mqtt.MQTTv5, manual_ack=True)
         self.client.username_pw_set(broker.admin_user, broker.admin_password)
         self.client.on_message = lambda _c, _u, m: self.messages.put(m)
+        if lists:
+            self.client.on_deliveries = self._on_deliveries
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *_: self.disconnected.set()
@@ -108,6 +111,13 @@ class Receiver:
         self.client.connect(broker.host, broker.port, properties=props)
         self.client.loop_start()
         assert self.subscribed.wait(15), "could not subscribe"
+
+    def _on_deliveries(self, deliveries: list[tuple[bytes, bytes, int, int]]) -> None:
+        self.list_sizes.append(len(deliveries))
+        for topic, payload, mid, qos in deliveries:
+            message = mqtt.MQTTMessage(mid, topic)
+            message.payload, message.qos = payload, qos
+            self.messages.put(message)
 
     def _on_connect(self, client: mqtt.Client, *_: object) -> None:
         self.connects += 1
@@ -124,9 +134,9 @@ class Receiver:
 WINDOW = 100
 
 
-@pytest.fixture
-def receiver(mosquitto: MosquittoBroker) -> Iterator[Receiver]:
-    receiver = Receiver(mosquitto, WINDOW)
+@pytest.fixture(params=[False, True], ids=["on_message", "on_deliveries"])
+def receiver(mosquitto: MosquittoBroker, request: pytest.FixtureRequest) -> Iterator[Receiver]:
+    receiver = Receiver(mosquitto, WINDOW, lists=request.param)
     yield receiver
     receiver.close()
 
@@ -161,3 +171,76 @@ def test_messages_with_properties_arrive_whole_and_batched_acks_settle_them(
     assert receiver.connects == 1 and not receiver.disconnected.is_set()
     publish(mosquitto, [b"last"])
     assert receiver.take(1)[0].payload == b"last"
+    if receiver.list_sizes:
+        # The broker sends a window of deliveries back to back: they come in few lists.
+        assert sum(receiver.list_sizes) == 3 * WINDOW + 1
+        assert max(receiver.list_sizes) > 1
+
+
+def fixed_header(header: int, body: bytes) -> bytes:
+    """``header``, the remaining length as a variable byte integer, then ``body``."""
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes((header,)) + bytes(encoded) + body
+
+
+def test_buffered_publishes_are_handed_over_in_one_list_up_to_what_paho_must_read() -> None:
+    client = IngestClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+    packets = []
+    for n, (qos, props) in enumerate([(1, b"\x00"), (0, b"\x00"), (1, b"\x04\x03\x00\x01a")]):
+        header, body = publish_packet(b"fb/v1/d/pt-%d/votes" % n, b"x" * (n * 100), qos=qos,
+                                      mid=300 + n, props=props)
+        packets.append(fixed_header(header, body))
+    big_header, big_body = publish_packet(b"big", b"y" * 200, qos=1, mid=9, props=b"\x00")
+    big = fixed_header(big_header, big_body)  # two bytes of remaining length
+    left, right = socket.socketpair()
+    try:
+        buffered = BufferedSocket(right)
+        batches: list[list[tuple[bytes, bytes, int, int]]] = []
+        # Three whole packets, then a PINGRESP (paho's to read), then a whole one.
+        left.sendall(b"".join(packets) + b"\xd0\x00" + big)
+        assert buffered.recv(1) == b"\x3a"  # what paho's first read takes
+        buffered.consume(0)  # (put it back: the test starts at a packet boundary)
+        client._deliver_buffered(buffered, batches.append)
+        assert batches == [[(b"fb/v1/d/pt-0/votes", b"", 300, 1),
+                            (b"fb/v1/d/pt-1/votes", b"x" * 100, 0, 0),
+                            (b"fb/v1/d/pt-2/votes", b"x" * 200, 302, 1)]]
+        assert buffered.recv(2) == b"\xd0\x00"  # left for paho, which reads it
+        client._deliver_buffered(buffered, batches.append)
+        assert batches[1] == [(b"big", b"y" * 200, 9, 1)] and not buffered.pending()
+    finally:
+        left.close()
+        right.close()
+    # A packet cut anywhere stays buffered, whole, for paho to finish reading.
+    for cut in (1, 2, 3, 5, len(big) - 1):
+        left, right = socket.socketpair()
+        try:
+            buffered = BufferedSocket(right)
+            left.sendall(big[:cut])
+            assert buffered.recv(0) == b""  # fills the buffer
+            client._deliver_buffered(buffered, batches.append)
+            assert len(batches) == 2 and buffered.pending() == cut, cut
+        finally:
+            left.close()
+            right.close()
+
+
+def test_fill_appends_to_unread_bytes_and_leaves_the_end_of_stream_to_recv() -> None:
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        buffered = BufferedSocket(right)
+        assert not buffered.fill()  # nothing sent yet: no wait, nothing buffered
+        left.sendall(b"abc")
+        assert buffered.fill() and buffered.recv(1) == b"a"
+        left.sendall(b"def")
+        assert buffered.fill() and buffered.buffered() == (b"bcdef", 0)
+        left.close()
+        assert not buffered.fill()  # end of stream: held back while bytes are unread
+        assert buffered.recv(10) == b"bcdef"
+        assert buffered.recv(1) == b""
+    finally:
+        right.close()

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 
-from fleet.protocol.v1 import ProtocolError, Topics, encode_ack, parse_object, parse_votes
+from fleet.protocol.v1 import (
+    ProtocolError,
+    Topics,
+    _check_votes,
+    encode_ack,
+    parse_object,
+    parse_votes,
+)
 
 NOW = 1_800_000_000_000
 DEV = "pt-0123456789ab"
@@ -78,3 +88,63 @@ def test_ack_payload_and_object_parser() -> None:
     assert parse_object(b'{"online": false}', max_bytes=100) == {"online": False}
     with pytest.raises(ProtocolError):
         parse_object(b'"x"', max_bytes=100)
+
+
+def test_deeply_nested_json_is_refused_not_a_crash() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(b"[" * 16000)
+    assert info.value.reason == "bad_json"
+    with pytest.raises(ProtocolError):
+        parse_object(b'{"a":' * 3000 + b"1" + b"}" * 3000, max_bytes=16384)
+
+
+def _outcome(call: Callable[..., object], *args: object) -> object:
+    try:
+        return call(*args)
+    except ProtocolError as exc:
+        return ("refused", exc.reason, str(exc))
+
+
+def test_fast_path_agrees_with_the_field_by_field_checks() -> None:
+    """parse_votes' fast path accepts exactly what the field-by-field checks accept, and a
+    refusal carries their reason and message, over thousands of mutated batches."""
+    rng = random.Random(5)
+    odd: list[object] = [True, False, None, -1, 0, 1, 5, 6, 255, 256, 2**32 - 1, 2**32,
+                         2**53, 2**53 + 1, 1.0, "1", [], {}, NOW + 86_400_000,
+                         NOW + 86_400_001, 2, 3, 4]
+    for _ in range(5000):
+        rows: list[object] = [[seq, NOW, 1 + seq % 5, seq % 8, 7]
+                              for seq in range(10, 10 + rng.randint(1, 4))]
+        for _ in range(rng.randint(0, 2)):
+            index = rng.randrange(len(rows))
+            row = rows[index]
+            if rng.random() < 0.1 or not isinstance(row, list):
+                rows[index] = rng.choice([[1, 2, 3, 4], "x", 5, {}])
+            else:
+                row[rng.randrange(len(row))] = rng.choice(odd)
+        body: dict[str, object] = {"votes": rows}
+        if rng.random() < 0.5:
+            body["after"] = rng.choice([*odd, 9, 10])
+        payload = json.dumps(body).encode()
+        if rng.random() < 0.05:
+            payload = b" " + payload + b"\n"
+        expected = _outcome(partial(_check_votes, now_ms=NOW, max_future_ms=86_400_000),
+                            DEV, json.loads(payload))
+        assert _outcome(parse, payload) == expected, payload
+
+
+def test_objects_decode_as_json_loads_does() -> None:
+    for payload in (b'{"a": [1, 2.5, "\\u00e9"], "b": {"c": null}}', b'{"a":1} ', b"\xef\xbb\xbf{}",
+                    '{"é": 1}'.encode("utf-16"), b'{"a":1}{"b":2}', b'{"a": NaN}', b"{}"):
+        assert _outcome(partial(parse_object, max_bytes=1000), payload) == _outcome(
+            _legacy_object, payload), payload
+
+
+def _legacy_object(payload: bytes) -> object:
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise ProtocolError("bad_json", f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_shape", "payload must be a JSON object")
+    return data
