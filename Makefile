@@ -5,6 +5,7 @@
 VENV := .venv
 
 demo: setup
+	@scripts/install-system-packages.sh demo
 	$(VENV)/bin/palaute demo $(ARGS)
 
 test: setup system-packages lint typecheck check-firmware pytest

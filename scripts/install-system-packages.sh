@@ -18,8 +18,14 @@
 # or database listening on a well-known port of a developer machine would be a surprise.
 set -euo pipefail
 
-PACKAGES=(mosquitto mosquitto-clients victoria-metrics postgresql
-          fonts-noto-core fonts-droid-fallback libfribidi0)
+# `install-system-packages.sh demo` installs only what `palaute demo` needs (it renders its
+# content with the fonts; broker and database are embedded); no argument: everything.
+RENDERING=(fonts-noto-core fonts-droid-fallback libfribidi0)
+if [ "${1:-}" = demo ]; then
+    PACKAGES=("${RENDERING[@]}")
+else
+    PACKAGES=(mosquitto mosquitto-clients victoria-metrics postgresql "${RENDERING[@]}")
+fi
 
 installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
