@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -97,7 +98,7 @@ DEMO_CONTENT = ContentBody(
     show="rotate", rotate_s=5)
 
 
-def seed(settings: Settings, terminals: int) -> str:
+def seed(settings: Settings, terminals: int, key: Ed25519PrivateKey) -> str:
     """Create a demo customer with sites, assign the terminals round-robin, and an admin;
     create the demo content version and a rollout of it to the customer's terminals (one
     canary, then half, then all).
@@ -119,7 +120,6 @@ def seed(settings: Settings, terminals: int) -> str:
                                               board="sim")
             registry.assign_device(session, device_id=device.id,
                                    site_id=sites[index % len(sites)].id, at_ms=start)
-        key = signing.load_configured_key(settings.content_key_file)
         content = create_content(session, DEMO_CONTENT, key=key, user=None)
         session.flush()
         if terminals:
@@ -158,9 +158,10 @@ async def run_demo(*, terminals: int, duration: float | None, api_port: int,
     fresh = not db_path.exists()
     broker_port = _free_port()
     key_file = workdir / "content.key"
-    if not key_file.exists():
-        signing.generate_key_file(key_file)  # the demo's own signing key, 0600, in its data dir
-    content_key = signing.public_key_hex(signing.load_key_file(key_file))
+    # The demo's own signing key, 0600, in its data dir (kept across runs like the database).
+    key = (signing.load_key_file(key_file) if key_file.exists()
+           else signing.generate_key_file(key_file))
+    content_key = signing.public_key_hex(key)
     settings = Settings(
         db_url=f"sqlite:///{db_path}", mqtt_url=f"mqtt://127.0.0.1:{broker_port}",
         mqtt_protocol="3.1.1", ingest_shared_group="", mqtt_client_id="palaute-demo-ingest",
@@ -168,7 +169,7 @@ async def run_demo(*, terminals: int, duration: float | None, api_port: int,
     upgrade(settings.db_url)
     login_hint = f"log in as {DEMO_ADMIN} with the password printed by the first run"
     if fresh:
-        login_hint = f"log in as {DEMO_ADMIN} / {seed(settings, terminals)}"
+        login_hint = f"log in as {DEMO_ADMIN} / {seed(settings, terminals, key)}"
     engine = make_engine(settings.db_url)
     sessions = make_sessionmaker(engine)
     with sessions() as session:
