@@ -78,7 +78,9 @@ def test_topics_round_trip_and_reject_foreign_ids() -> None:
     assert topics.parse(f"fb/v1/d/{DEV}/votes") == (DEV, "votes")
     assert topics.wildcard("health") == "fb/v1/d/+/health"
     for bad in ("fb/v2/d/pt-0123456789ab/votes", "fb/v1/d/pt-0123456789AB/votes",
-                "fb/v1/d/pt-0123/votes", "fb/v1/d//votes"):
+                "fb/v1/d/pt-0123/votes", "fb/v1/d//votes",
+                # Python's $ would let a final newline through into the database.
+                "fb/v1/d/pt-0123456789ab\n/votes"):
         with pytest.raises(ProtocolError):
             topics.parse(bad)
 
@@ -148,3 +150,11 @@ def _legacy_object(payload: bytes) -> object:
     if not isinstance(data, dict):
         raise ProtocolError("bad_shape", "payload must be a JSON object")
     return data
+
+
+def test_registry_refuses_a_device_id_with_a_final_newline() -> None:
+    from fleet.services.registry import Invalid, check_device_id
+
+    assert check_device_id(DEV) == DEV
+    with pytest.raises(Invalid):
+        check_device_id(DEV + "\n")
