@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Run one ingest worker until SIGTERM or Ctrl-C."""
     from fleet.db.engine import make_engine, make_sessionmaker
-    from fleet.ingest.worker import IngestWorker
+    from fleet.ingest.worker import IngestWorker, tune_gc
     from fleet.mqtt_url import parse_mqtt_url
 
     settings = _settings()
@@ -96,6 +96,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                              f"{args.metrics_host}:{metrics_port}: {exc}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    tune_gc()
     worker.start()
     if server is not None:
         server.start()

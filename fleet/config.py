@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     ingest_shared_group: str = "palaute-ingest"
     ingest_batch_max: int = Field(default=2000, ge=1)
     ingest_batch_wait_ms: int = Field(default=20, ge=0)
+    # Writer threads of one worker, each with its own database connection; devices are
+    # split between them by a hash of their id (docs/performance.md).
+    ingest_writers: int = Field(default=2, ge=1, le=16)
     ingest_max_payload: int = Field(default=16_384, ge=256)
     ingest_max_future_ms: int = Field(default=24 * 3600 * 1000, ge=0)
     # Terminals report health this often; one silent for 3x as long is marked offline.

@@ -2,12 +2,15 @@
 
 A paho-mqtt network thread receives messages into a bounded inbox (a list of them per socket
 read, ``fleet/ingest/mqtt_client.py``); a parser thread takes them in batches and validates
-them; a writer thread stores every vote of a batch in one
-transaction, commits, and only then publishes the ``ack`` messages and acknowledges the MQTT
-deliveries to the broker.  (Two threads so that validating the next batch overlaps with the
-database storing this one; batches stay in arrival order.)  A worker
-killed at any point therefore loses nothing: unacknowledged deliveries come back from the
-broker's persistent session, and terminals re-send anything they have no ``ack`` for.
+them; writer threads store every vote of a batch in one transaction, commit, and only then
+publish the ``ack`` messages and acknowledge the MQTT deliveries to the broker.  (Validating
+the next batch overlaps with the database storing this one.)  Devices are split between the
+writers (``PALAUTE_INGEST_WRITERS``, each with its own database connection) by a hash of
+their id, so one device's messages always go through the same writer, in arrival order, and
+two writers never touch the same device's rows: while one waits for the database the other
+can use it.  A worker killed at any point therefore loses nothing: unacknowledged deliveries
+come back from the broker's persistent session, and terminals re-send anything they have no
+``ack`` for.
 
 Several workers share the load through an MQTT shared subscription
 (``$share/<group>/fb/v1/d/+/votes``); they hold no state of their own.
@@ -20,9 +23,11 @@ worker is connected and its writer is making progress, for ``/healthz``
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +100,21 @@ METRICS: tuple[tuple[str, str, Kind], ...] = (
 )
 
 
+def tune_gc() -> None:
+    """Make Python's cyclic garbage collector cheap for a long-running ingest process.
+
+    At one vote per message the worker allocates several container objects per message
+    and holds up to ``queue_max`` received messages; with the default thresholds (a
+    collection every 700 allocations) the collector was a tenth of the process's CPU time
+    and its older generations scanned the whole backlog again and again (docs/performance.md).
+    The hot path makes no reference cycles, so collecting rarely frees the same memory.
+    Objects made while starting (modules, settings, the ORM) are frozen out of collections.
+    Called by ``palaute ingest`` only: the thresholds are process-wide.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 class TelemetrySink(Protocol):
     """Where health samples go after commit (``fleet.services.telemetry.InfluxTelemetry``)."""
 
@@ -104,6 +124,22 @@ class TelemetrySink(Protocol):
 
     def close(self) -> None:
         """Flush what can be flushed and stop."""
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """The broker acknowledgements of one chunk of deliveries (QoS 1 packet ids in arrival
+    order), sent when every writer holding part of the chunk is done with it.
+
+    Tickets are released strictly in arrival order, whichever writer finishes first: the
+    broker looks each PUBACK up in its in-flight list from the oldest message on, so acks in
+    arrival order are found at once, and out of order ones cost it a walk past every older
+    message still in flight (measured: ~3 µs of broker time per message with two writers).
+    """
+
+    mids: list[int]
+    waiting: int  # parts of the chunk not yet done
+    withheld: set[int] = field(default_factory=set)  # of parts that failed: never acked
 
 
 @dataclass(slots=True)
@@ -117,6 +153,12 @@ class _Prepared:
     presence: dict[str, bool]
     votes: int = 0  # in vote_batches, duplicates included
     content: list[ContentMessage] = field(default_factory=list)  # reported, fetch
+    tickets: list[_Ticket] = field(default_factory=list)  # the chunks it holds part of
+
+    @classmethod
+    def empty(cls, now: int) -> _Prepared:
+        """A batch with nothing in it yet."""
+        return cls([], now, [], {}, {})
 
     def merge(self, later: _Prepared) -> None:
         """Append a later chunk; for health and status the latest message of a device wins."""
@@ -126,6 +168,7 @@ class _Prepared:
         self.health.update(later.health)
         self.presence.update(later.presence)
         self.content.extend(later.content)
+        self.tickets.extend(later.tickets)
 
 
 def _is_int(value: Any) -> bool:
@@ -163,7 +206,6 @@ class IngestWorker:
         if health_interval_s is None:
             health_interval_s = float(settings.health_interval_s)
         self.presence = PresenceSweeper(health_interval_s)
-        self._writer_beat = time.monotonic()
         self._db_failing = False
         # Received, not yet validated: the network thread appends whole reads, the parser
         # takes from the left (deque appends and pops are atomic, so no lock per message).
@@ -171,13 +213,18 @@ class IngestWorker:
         self._inbox: deque[Delivery] = deque()
         self._arrived = threading.Event()
         self._space = threading.Event()
-        self._topic_cache: dict[bytes, tuple[str, str]] = {}
-        # The hand-over slot between the parser and the writer (one batch at most).
-        self._slot: _Prepared | None = None
+        self._topic_cache: dict[bytes, tuple[str, str, int]] = {}
+        self.writers = settings.ingest_writers
+        # The hand-over slots between the parser and the writers (one batch each at most).
+        self._slots: list[_Prepared | None] = [None] * self.writers
         self._slot_changed = threading.Condition()
         self._parser: threading.Thread | None = None
         self._stop = threading.Event()
-        self._writer: threading.Thread | None = None
+        self._writer_threads: list[threading.Thread] = []
+        self._writer_beats = [time.monotonic()] * self.writers
+        # Chunks whose broker acknowledgements are not sent yet, oldest first.
+        self._tickets: deque[_Ticket] = deque()
+        self._tickets_lock = threading.Lock()
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         target = parse_mqtt_url(settings.mqtt_url)
@@ -274,11 +321,17 @@ class IngestWorker:
         self.metrics.inc("palaute_ingest_refused_total", reason=reason)
         log.warning("refused message on %s: %s", message[0].decode(errors="replace"), detail)
 
-    def _parse_topic(self, topic: bytes) -> tuple[str, str]:
-        """``(device_id, leaf)`` of a device topic (cached), or ProtocolError."""
+    def _parse_topic(self, topic: bytes) -> tuple[str, str, int]:
+        """``(device_id, leaf, writer)`` of a device topic (cached), or ProtocolError."""
         parsed = self._topic_cache.get(topic)
         if parsed is None:
-            parsed = self.topics.parse(topic.decode(errors="replace"))
+            device_id, leaf = self.topics.parse(topic.decode(errors="replace"))
+            # Content requests all go to the first writer: they update shared rollout rows,
+            # which two writers would contend for.  Everything else of a device goes to the
+            # writer its id hashes to (crc32: the same in every process and run).
+            writer = (0 if leaf in content_requests.LEAVES
+                      else zlib.crc32(device_id.encode()) % self.writers)
+            parsed = (device_id, leaf, writer)
             if len(self._topic_cache) >= TOPIC_CACHE_MAX:
                 self._topic_cache.clear()
             self._topic_cache[topic] = parsed
@@ -286,15 +339,16 @@ class IngestWorker:
 
     def process(self, messages: list[Delivery]) -> None:
         """Validate, store and acknowledge one batch of messages, in the calling thread."""
-        self.store(self.prepare(messages))
+        for part in self.prepare(messages):
+            if part.messages:
+                self.store(part)
 
-    def prepare(self, messages: list[Delivery]) -> _Prepared:
-        """Validate one batch: refuse (and count) what is malformed (parser thread)."""
+    def prepare(self, messages: list[Delivery]) -> list[_Prepared]:
+        """Validate one batch, split by writer: refuse (and count) what is malformed
+        (parser thread).  Refused messages go with the first writer's part, to be
+        acknowledged to the broker with it."""
         now = self.clock()
-        vote_batches: list[VoteBatch] = []
-        health: dict[str, dict[str, Any]] = {}
-        presence: dict[str, bool] = {}
-        content: list[ContentMessage] = []
+        parts = [_Prepared.empty(now) for _ in range(self.writers)]
         # Counted here and added once per batch: one locked increment per message would be a
         # measurable share of the per-message cost at 1 vote per message.
         received: dict[str, int] = {}
@@ -302,27 +356,36 @@ class IngestWorker:
         max_future_ms = self.settings.ingest_max_future_ms
         parse_topic = self._parse_topic
         for message in messages:
+            part = parts[0]
             try:
-                device_id, leaf = parse_topic(message[0])
+                device_id, leaf, writer = parse_topic(message[0])
+                part = parts[writer]
                 received[leaf] = received.get(leaf, 0) + 1
                 payload = message[1]
                 if leaf == "votes":
-                    vote_batches.append(parse_votes(
-                        device_id, payload, max_bytes=max_bytes, now_ms=now,
-                        max_future_ms=max_future_ms))
+                    batch = parse_votes(device_id, payload, max_bytes=max_bytes, now_ms=now,
+                                        max_future_ms=max_future_ms)
+                    part.vote_batches.append(batch)
+                    part.votes += len(batch.votes)
                 elif leaf == "health":
-                    health[device_id] = parse_object(payload, max_bytes=max_bytes)
+                    part.health[device_id] = parse_object(payload, max_bytes=max_bytes)
                 elif leaf == "status":
                     status = parse_object(payload, max_bytes=max_bytes)
-                    presence[device_id] = status.get("online") is True
+                    part.presence[device_id] = status.get("online") is True
                 elif leaf in content_requests.LEAVES:
-                    content.append(self.content.parse(device_id, leaf, payload))
+                    part.content.append(self.content.parse(device_id, leaf, payload))
             except ProtocolError as exc:
                 self._refuse(message, exc.reason, str(exc))
+            part.messages.append(message)
         for leaf, count in received.items():
             self.metrics.inc("palaute_ingest_received_total", count, leaf=leaf)
-        return _Prepared(messages, now, vote_batches, health, presence,
-                         sum(len(batch.votes) for batch in vote_batches), content)
+        used = [part for part in parts if part.messages]
+        ticket = _Ticket([mid for _, _, mid, qos in messages if qos == 1], len(used))
+        for part in used:
+            part.tickets.append(ticket)
+        with self._tickets_lock:
+            self._tickets.append(ticket)
+        return parts
 
     def store(self, prepared: _Prepared) -> None:
         """Store one validated batch, commit, then ack terminals and broker (writer thread)."""
@@ -370,15 +433,33 @@ class IngestWorker:
                 self.telemetry.write(device_id, sample, tags, now)
         if prepared.content:
             self._handle_content(prepared.content, now)
-        self._ack_deliveries(messages)
+        self._ack_deliveries(prepared)
 
-    def _ack_deliveries(self, messages: list[Delivery]) -> None:
-        """Acknowledge the committed deliveries to the broker, the whole batch in one write
-        (at one vote per message, one write per PUBACK was a measurable share of the time)."""
-        self._client.ack_many([mid for _, _, mid, qos in messages if qos == 1])
-        for _, _, mid, qos in messages:
-            if qos == 2:  # the subscriptions are QoS 1, so never; kept correct anyway
-                self._client.ack(mid, qos)
+    def _ack_deliveries(self, prepared: _Prepared, *, stored: bool = True) -> None:
+        """Acknowledge to the broker the deliveries of every chunk now done, in arrival order
+        and in one write (at one vote per message, one write per PUBACK was a measurable
+        share of the time).  ``stored=False``: this part failed; its deliveries are never
+        acknowledged (the broker sends them again after a reconnect), the others are."""
+        if not stored:
+            failed = {mid for _, _, mid, qos in prepared.messages if qos == 1}
+        with self._tickets_lock:
+            for ticket in prepared.tickets:
+                ticket.waiting -= 1
+                if not stored:
+                    ticket.withheld |= failed
+            mids: list[int] = []
+            tickets = self._tickets
+            while tickets and tickets[0].waiting <= 0:
+                ticket = tickets.popleft()
+                withheld = ticket.withheld
+                mids.extend([m for m in ticket.mids if m not in withheld] if withheld
+                            else ticket.mids)
+            # Queued under the lock, so that two writers' releases reach the socket in order.
+            self._client.ack_many(mids)
+        if stored:
+            for _, _, mid, qos in prepared.messages:
+                if qos == 2:  # the subscriptions are QoS 1, so never; kept correct anyway
+                    self._client.ack(mid, qos)
 
     def _handle_content(self, content: list[ContentMessage], now: int) -> None:
         try:
@@ -435,19 +516,25 @@ class IngestWorker:
     # everything validated so far to the writer as soon as the writer is free and the batch
     # is old enough (PALAUTE_INGEST_BATCH_WAIT_MS) or full (PALAUTE_INGEST_BATCH_MAX): under
     # load batches grow by themselves, and one commit covers more messages.
+    def _full(self, prepared: _Prepared | None) -> bool:
+        return prepared is not None and (
+            len(prepared.messages) >= self.settings.ingest_batch_max
+            or prepared.votes >= self.batch_votes_max)
+
     def _parse_loop(self) -> None:
-        pending: _Prepared | None = None
-        due = 0.0
+        # One batch in the making per writer, and when it became due.
+        pending: list[_Prepared | None] = [None] * self.writers
+        due = [0.0] * self.writers
         wait_s = self.settings.ingest_batch_wait_ms / 1000
         batch_max = self.settings.ingest_batch_max
         while not self._stop.is_set():
-            size = 0 if pending is None else len(pending.messages)
-            if pending is not None and pending.votes >= self.batch_votes_max:
-                size = batch_max
-            # Idle: block on the queue.  Holding a batch: short waits, to notice the writer
-            # becoming free (its hand-over slot is checked after every chunk).
-            chunk = (self._drain(0.2 if pending is None else 0.005, min(500, batch_max - size))
-                     if size < batch_max else [])
+            holding = [p for p in pending if p is not None]
+            size = max((len(p.messages) for p in holding), default=0)
+            # Idle: block on the queue.  Holding a batch: short waits, to notice a writer
+            # becoming free (the hand-over slots are checked after every chunk).  A full
+            # batch takes nothing more until its writer has taken it.
+            chunk = ([] if any(self._full(p) for p in holding) else
+                     self._drain(0.005 if holding else 0.2, min(500, batch_max - size)))
             self.metrics.set("palaute_ingest_queue_depth", len(self._inbox))
             if chunk:
                 try:
@@ -457,36 +544,47 @@ class IngestWorker:
                     self.metrics.inc("palaute_ingest_refused_total", len(chunk),
                                      reason="internal")
                     continue
-                if pending is None:
-                    pending, due = prepared, time.monotonic() + wait_s
-                else:
-                    pending.merge(prepared)
-            if pending is None:
-                continue
-            full = len(pending.messages) >= batch_max or pending.votes >= self.batch_votes_max
-            if (full or time.monotonic() >= due) and self._hand_over(pending, wait=full):
-                pending = None
+                now = time.monotonic()
+                for writer, part in enumerate(prepared):
+                    held = pending[writer]
+                    if not part.messages:
+                        continue
+                    if held is None:
+                        pending[writer], due[writer] = part, now + wait_s
+                    else:
+                        held.merge(part)
+            # Due batches first, without waiting; then wait for the writer of a full one
+            # (back-pressure: the network thread's queue absorbs the wait).
+            now = time.monotonic()
+            for writer in sorted(range(self.writers), key=lambda w: self._full(pending[w])):
+                held = pending[writer]
+                if held is None:
+                    continue
+                full = self._full(held)
+                if (full or now >= due[writer]) and self._hand_over(writer, held, wait=full):
+                    pending[writer] = None
 
-    def _hand_over(self, prepared: _Prepared, *, wait: bool) -> bool:
-        """Give ``prepared`` to the writer if it is free (or, with ``wait``, once it is)."""
+    def _hand_over(self, writer: int, prepared: _Prepared, *, wait: bool) -> bool:
+        """Give ``prepared`` to ``writer`` if it is free (or, with ``wait``, once it is)."""
+        slots = self._slots
         with self._slot_changed:
             if wait:
-                # A full batch: back-pressure, the network thread's queue absorbs the wait.
-                while self._slot is not None and not self._stop.is_set():
+                while slots[writer] is not None and not self._stop.is_set():
                     self._slot_changed.wait(0.2)
-            if self._slot is not None or self._stop.is_set():
+            if slots[writer] is not None or self._stop.is_set():
                 return False
-            self._slot = prepared
+            slots[writer] = prepared
             self._slot_changed.notify_all()
             return True
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, writer: int) -> None:
+        slots = self._slots
         while not self._stop.is_set():
-            self._writer_beat = time.monotonic()
+            self._writer_beats[writer] = time.monotonic()
             with self._slot_changed:
-                if self._slot is None:
+                if slots[writer] is None:
                     self._slot_changed.wait(0.2)
-                prepared, self._slot = self._slot, None
+                prepared, slots[writer] = slots[writer], None
                 self._slot_changed.notify_all()
             if prepared is not None:
                 try:
@@ -495,9 +593,14 @@ class IngestWorker:
                     count = len(prepared.messages)
                     log.exception("unexpected error while storing %d messages", count)
                     self.metrics.inc("palaute_ingest_refused_total", count, reason="internal")
-            # In the writer thread, between batches: a sweep never runs concurrently with this
-            # worker's own presence updates, and needs no lock against them.
-            self.sweep_presence_if_due()
+                    # ... and must not hold back the acknowledgements of later chunks.
+                    self._ack_deliveries(prepared, stored=False)
+            # In the first writer, between its batches: a sweep never runs concurrently with
+            # that writer's own presence updates.  (The other writers' may wait for its
+            # locks, as another worker's would; PostgreSQL aborts a deadlock, and the
+            # aborted transaction is retried.)
+            if writer == 0:
+                self.sweep_presence_if_due()
 
     def sweep_presence_if_due(self) -> None:
         """Mark devices silent for three health intervals offline, if a sweep is due."""
@@ -522,9 +625,11 @@ class IngestWorker:
         problems = []
         if not self.subscribed.is_set():
             problems.append("not connected and subscribed to the broker")
-        if any(t is None or not t.is_alive() for t in (self._parser, self._writer)):
+        threads = [self._parser, *self._writer_threads]
+        if (len(self._writer_threads) != self.writers
+                or any(t is None or not t.is_alive() for t in threads)):
             problems.append("parser or writer thread not running")
-        elif time.monotonic() - self._writer_beat > WRITER_STALL_S:
+        elif time.monotonic() - min(self._writer_beats) > WRITER_STALL_S:
             problems.append(f"writer stalled for more than {WRITER_STALL_S:.0f}s")
         if self._db_failing:
             problems.append("database writes failing (retrying)")
@@ -547,15 +652,17 @@ class IngestWorker:
         self._client.loop_start()
         self._parser = threading.Thread(target=self._parse_loop, name="ingest-parser",
                                         daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
-                                        daemon=True)
+        self._writer_threads = [
+            threading.Thread(target=self._write_loop, args=(n,), name=f"ingest-writer-{n}",
+                             daemon=True) for n in range(self.writers)]
         self._parser.start()
-        self._writer.start()
+        for thread in self._writer_threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop consuming; deliveries not yet committed stay with the broker."""
         self._stop.set()
-        for thread in (self._parser, self._writer):
+        for thread in (self._parser, *self._writer_threads):
             if thread is not None:
                 thread.join(timeout=10)
         self._client.disconnect()

@@ -208,11 +208,12 @@ def fleet_db(postgres_url: str) -> str:
     return postgres_url
 
 
-def start_worker(broker: MosquittoBroker, db_url: str, workdir: Path, worker_id: str
-                 ) -> IngestProcess:
+def start_worker(broker: MosquittoBroker, db_url: str, workdir: Path, worker_id: str,
+                 writers: int = 1) -> IngestProcess:
     """Start ``palaute ingest`` and wait (on the broker's log) until it has subscribed."""
     worker = IngestProcess(db_url=db_url, workdir=workdir, worker_id=worker_id,
-                           mqtt_url=broker.url_for(broker.admin_user, broker.admin_password))
+                           mqtt_url=broker.url_for(broker.admin_user, broker.admin_password),
+                           extra_env={"PALAUTE_INGEST_WRITERS": str(writers)})
     worker.start_subscribed(broker)
     return worker
 
@@ -243,10 +244,14 @@ def assert_exactly_once(db_url: str, sim: TerminalSimulator, workers: list[Inges
     assert watermarks == dict.fromkeys(DEVICES, VOTES_PER_DEVICE)
 
 
+# With two writer threads per worker, each commits its own devices' votes and the broker
+# acknowledgements still go out in arrival order.
+@pytest.mark.parametrize("writers", [1, 2])
 def test_sigkill_of_one_of_two_workers_mid_stream_loses_and_duplicates_nothing(
         mosquitto: MosquittoBroker, fleet_db: str, simulator: TerminalSimulator,
-        tmp_path: Path) -> None:
-    workers = [start_worker(mosquitto, fleet_db, tmp_path, f"ingest-{n}") for n in "ab"]
+        tmp_path: Path, writers: int) -> None:
+    workers = [start_worker(mosquitto, fleet_db, tmp_path, f"ingest-{n}", writers)
+               for n in "ab"]
     try:
         simulator.start()
         assert simulator.wait_acked(TOTAL * 3 // 10, 30), "no progress before the kill"

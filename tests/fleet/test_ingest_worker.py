@@ -159,3 +159,82 @@ def test_status_and_will_mark_devices_online_and_offline(
         listener.close()
     with worker.sessions() as session:
         assert session.get_one(Device, DEV).online is False
+
+
+def _writer_of(worker: IngestWorker, device_id: str) -> int:
+    return worker._parse_topic(f"fb/v1/d/{device_id}/votes".encode())[2]
+
+
+def test_two_writers_split_devices_and_broker_acks_keep_arrival_order(
+        mosquitto: MosquittoBroker, db_url: str) -> None:
+    settings = Settings(db_url=db_url, environment="test", ingest_writers=2,
+                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
+                                                   mosquitto.admin_password))
+    worker = IngestWorker(settings, make_sessionmaker(make_engine(db_url)))
+    # Two devices that hash to different writers (crc32 of the id).
+    ids = [f"pt-0000000000{n:02x}" for n in range(16)]
+    first = next(d for d in ids if _writer_of(worker, d) == 0)
+    second = next(d for d in ids if _writer_of(worker, d) == 1)
+    acked: list[list[int]] = []
+    worker._client.ack_many = acked.append  # type: ignore[method-assign,assignment]
+    t = now_ms()
+
+    def chunk(mids: list[int], devices: list[str]) -> list[tuple[bytes, bytes, int, int]]:
+        return [(f"fb/v1/d/{d}/votes".encode(), votes([mid, t, 1, 0, 0]), mid, 1)
+                for mid, d in zip(mids, devices, strict=True)]
+
+    older = worker.prepare(chunk([1, 2, 3], [first, second, first]))
+    newer = worker.prepare(chunk([4, 5], [second, first]))
+    assert [m[2] for m in older[0].messages] == [1, 3]
+    assert [m[2] for m in older[1].messages] == [2]
+    # The newer chunk is done first, then the second writer's part of the older one: nothing
+    # may be acknowledged while the first writer still holds messages 1 and 3.
+    worker._ack_deliveries(newer[0])
+    worker._ack_deliveries(newer[1])
+    worker._ack_deliveries(older[1])
+    assert [mid for call in acked for mid in call] == []
+    worker._ack_deliveries(older[0])
+    assert [mid for call in acked for mid in call] == [1, 2, 3, 4, 5]
+    # A part that failed is never acknowledged, and does not hold back the rest.
+    acked.clear()
+    failed = worker.prepare(chunk([6, 7, 8], [first, second, first]))
+    worker._ack_deliveries(failed[0], stored=False)
+    worker._ack_deliveries(failed[1])
+    assert [mid for call in acked for mid in call] == [7]
+
+
+def test_a_worker_with_two_writers_stores_and_acks_every_device(
+        mosquitto: MosquittoBroker, db_url: str) -> None:
+    sessions = make_sessionmaker(make_engine(db_url))
+    ids = [f"pt-0000000001{n:02x}" for n in range(8)]
+    with sessions.begin() as session:
+        customer = registry.create_customer(session, name="Writers Oy")
+        site = registry.create_site(session, customer_id=customer.id, name="Exit")
+        for device_id in ids:
+            registry.register_device(session, device_id=device_id)
+            registry.assign_device(session, device_id=device_id, site_id=site.id, at_ms=0)
+    settings = Settings(db_url=db_url, environment="test", ingest_writers=2,
+                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
+                                                   mosquitto.admin_password))
+    worker = IngestWorker(settings, sessions, client_id="test-writers")
+    assert {_writer_of(worker, d) for d in ids} == {0, 1}
+    worker.start()
+    listener = AckListener(mosquitto)
+    try:
+        assert worker.wait_ready(15)
+        t = now_ms()
+        for device_id in ids:
+            publish(mosquitto, f"fb/v1/d/{device_id}/votes",
+                    votes([1, t, 1, 0, 0], [2, t, 2, 0, 0]))
+        acks: dict[str, int] = {}
+        while len(acks) < len(ids):
+            topic, ack = listener.next()
+            acks[topic.split("/")[3]] = ack["seq"]
+        assert acks == dict.fromkeys(ids, 2)
+        assert worker.health() == (True, "ok")
+    finally:
+        listener.close()
+        worker.stop()
+    with sessions() as session:
+        stored = session.execute(select(VoteRow.device_id, VoteRow.seq)).all()
+    assert sorted(stored) == sorted((d, s) for d in ids for s in (1, 2))
