@@ -79,7 +79,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
         telemetry = InfluxTelemetry(settings.influx_url, settings.influx_token,
                                     settings.influx_org, settings.influx_bucket)
-    worker = IngestWorker(settings, make_sessionmaker(make_engine(settings.db_url)),
+    worker = IngestWorker(settings,
+                          make_sessionmaker(make_engine(settings.db_url, pre_ping=False)),
                           client_id=args.worker_id, telemetry=telemetry)
     # --metrics-port wins over PALAUTE_METRICS_PORT; 0 (the default) serves nothing.
     metrics_port = (args.metrics_port if args.metrics_port is not None

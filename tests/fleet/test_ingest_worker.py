@@ -13,12 +13,14 @@ import subprocess
 from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from fleet.config import Settings
 from fleet.db.engine import make_engine, make_sessionmaker
+from fleet.db.migrate import upgrade
 from fleet.db.models import Device
 from fleet.db.models import Vote as VoteRow
 from fleet.ingest.worker import IngestWorker
@@ -238,3 +240,46 @@ def test_a_worker_with_two_writers_stores_and_acks_every_device(
     with sessions() as session:
         stored = session.execute(select(VoteRow.device_id, VoteRow.seq)).all()
     assert sorted(stored) == sorted((d, s) for d in ids for s in (1, 2))
+
+
+@pytest.mark.postgres
+def test_killed_database_connections_cost_a_retry_not_a_vote(
+        mosquitto: MosquittoBroker, postgres_url: str) -> None:
+    # `palaute ingest` pools connections without a ping before each batch: a connection
+    # that died since (database restart, failover, idle timeout) fails one attempt, which is
+    # retried on a fresh connection, with nothing acknowledged in between.
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url, pre_ping=False)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        customer = registry.create_customer(session, name="Restart Oy")
+        site = registry.create_site(session, customer_id=customer.id, name="Exit")
+        registry.register_device(session, device_id=DEV)
+        registry.assign_device(session, device_id=DEV, site_id=site.id, at_ms=0)
+    settings = Settings(db_url=postgres_url, environment="test",
+                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
+                                                   mosquitto.admin_password))
+    worker = IngestWorker(settings, sessions, client_id="test-no-ping")
+    worker.start()
+    listener = AckListener(mosquitto)
+    try:
+        assert worker.wait_ready(15)
+        t = now_ms()
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([1, t, 1, 0, 0]))
+        assert listener.next()[1]["seq"] == 1
+        with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql"),
+                             autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+        assert killed is not None and killed[0] >= 1
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([2, t, 3, 0, 0]))
+        assert listener.next()[1]["seq"] == 2
+    finally:
+        listener.close()
+        worker.stop()
+    assert worker.metrics.get("palaute_ingest_db_errors_total") >= 1
+    with sessions() as session:
+        assert session.execute(select(VoteRow.seq, VoteRow.button)
+                               .order_by(VoteRow.seq)).all() == [(1, 1), (2, 3)]
+    engine.dispose()
