@@ -560,7 +560,6 @@ VARIANTS: dict[str, tuple[int, dict[str, str]]] = {
     "2 processes": (2, {}),
     "1 process, MQTT 3.1.1": (1, {"PALAUTE_MQTT_PROTOCOL": "3.1.1"}),
     "1 process, 2 writers": (1, {"PALAUTE_INGEST_WRITERS": "2"}),
-    "2 processes, 2 writers": (2, {"PALAUTE_INGEST_WRITERS": "2"}),
 }
 
 
