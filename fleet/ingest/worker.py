@@ -134,7 +134,8 @@ class _Ticket:
     Tickets are released strictly in arrival order, whichever writer finishes first: the
     broker looks each PUBACK up in its in-flight list from the oldest message on, so acks in
     arrival order are found at once, and out of order ones cost it a walk past every older
-    message still in flight (measured: ~3 µs of broker time per message with two writers).
+    message still in flight (measured with two writers: 11-14 µs of broker CPU per message
+    in commit order, 10.5-11.5 in arrival order).
     """
 
     mids: list[int]
