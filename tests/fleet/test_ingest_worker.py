@@ -11,12 +11,14 @@ import json
 import queue
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.config import Settings
 from fleet.db.engine import make_engine, make_sessionmaker
@@ -57,17 +59,27 @@ class AckListener:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def worker(mosquitto: MosquittoBroker, db_url: str) -> Iterator[IngestWorker]:
-    sessions = make_sessionmaker(make_engine(db_url))
+def assign_devices(sessions: sessionmaker[Session], ids: list[str]) -> None:
+    """Register ``ids`` and assign them to one site (since epoch 0)."""
     with sessions.begin() as session:
         customer = registry.create_customer(session, name="Ingest Oy")
         site = registry.create_site(session, customer_id=customer.id, name="Exit")
-        registry.register_device(session, device_id=DEV)
-        registry.assign_device(session, device_id=DEV, site_id=site.id, at_ms=0)
-    settings = Settings(db_url=db_url, environment="test",
-                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
-                                                   mosquitto.admin_password))
+        for device_id in ids:
+            registry.register_device(session, device_id=device_id)
+            registry.assign_device(session, device_id=device_id, site_id=site.id, at_ms=0)
+
+
+def settings_for(broker: MosquittoBroker, db_url: str, **extra: Any) -> Settings:
+    """Worker settings for ``db_url`` and the admin account of ``broker``."""
+    return Settings(db_url=db_url, environment="test",
+                    mqtt_url=broker.url_for(broker.admin_user, broker.admin_password), **extra)
+
+
+@pytest.fixture
+def worker(mosquitto: MosquittoBroker, db_url: str) -> Iterator[IngestWorker]:
+    sessions = make_sessionmaker(make_engine(db_url))
+    assign_devices(sessions, [DEV])
+    settings = settings_for(mosquitto, db_url)
     worker = IngestWorker(settings, sessions, client_id="test-ingest")
     worker.start()
     assert worker.wait_ready(15), "ingest worker did not subscribe"
@@ -169,9 +181,7 @@ def _writer_of(worker: IngestWorker, device_id: str) -> int:
 
 def test_two_writers_split_devices_and_broker_acks_keep_arrival_order(
         mosquitto: MosquittoBroker, db_url: str) -> None:
-    settings = Settings(db_url=db_url, environment="test", ingest_writers=2,
-                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
-                                                   mosquitto.admin_password))
+    settings = settings_for(mosquitto, db_url, ingest_writers=2)
     worker = IngestWorker(settings, make_sessionmaker(make_engine(db_url)))
     # Two devices that hash to different writers (crc32 of the id).
     ids = [f"pt-0000000000{n:02x}" for n in range(16)]
@@ -209,15 +219,8 @@ def test_a_worker_with_two_writers_stores_and_acks_every_device(
         mosquitto: MosquittoBroker, db_url: str) -> None:
     sessions = make_sessionmaker(make_engine(db_url))
     ids = [f"pt-0000000001{n:02x}" for n in range(8)]
-    with sessions.begin() as session:
-        customer = registry.create_customer(session, name="Writers Oy")
-        site = registry.create_site(session, customer_id=customer.id, name="Exit")
-        for device_id in ids:
-            registry.register_device(session, device_id=device_id)
-            registry.assign_device(session, device_id=device_id, site_id=site.id, at_ms=0)
-    settings = Settings(db_url=db_url, environment="test", ingest_writers=2,
-                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
-                                                   mosquitto.admin_password))
+    assign_devices(sessions, ids)
+    settings = settings_for(mosquitto, db_url, ingest_writers=2)
     worker = IngestWorker(settings, sessions, client_id="test-writers")
     assert {_writer_of(worker, d) for d in ids} == {0, 1}
     worker.start()
@@ -251,14 +254,8 @@ def test_killed_database_connections_cost_a_retry_not_a_vote(
     upgrade(postgres_url)
     engine = make_engine(postgres_url, pre_ping=False)
     sessions = make_sessionmaker(engine)
-    with sessions.begin() as session:
-        customer = registry.create_customer(session, name="Restart Oy")
-        site = registry.create_site(session, customer_id=customer.id, name="Exit")
-        registry.register_device(session, device_id=DEV)
-        registry.assign_device(session, device_id=DEV, site_id=site.id, at_ms=0)
-    settings = Settings(db_url=postgres_url, environment="test",
-                        mqtt_url=mosquitto.url_for(mosquitto.admin_user,
-                                                   mosquitto.admin_password))
+    assign_devices(sessions, [DEV])
+    settings = settings_for(mosquitto, postgres_url)
     worker = IngestWorker(settings, sessions, client_id="test-no-ping")
     worker.start()
     listener = AckListener(mosquitto)
