@@ -86,6 +86,9 @@ METRICS: tuple[tuple[str, str, Kind], ...] = (
     ("palaute_ingest_received_total", "MQTT messages received, by topic leaf", "counter"),
     ("palaute_ingest_votes_stored_total", "Votes newly stored", "counter"),
     ("palaute_ingest_votes_duplicate_total", "Votes received again and ignored", "counter"),
+    ("palaute_ingest_copy_fallbacks_total",
+     "PostgreSQL batches whose straight COPY met a stored vote and went through the stage",
+     "counter"),
     ("palaute_ingest_refused_total", "Messages or votes refused, by reason", "counter"),
     ("palaute_ingest_acks_total", "Ack messages published to terminals", "counter"),
     ("palaute_ingest_db_errors_total", "Failed database transactions (retried)", "counter"),
@@ -416,6 +419,8 @@ class IngestWorker:
         self.metrics.set("palaute_ingest_batch_messages", len(messages))
         self.metrics.inc("palaute_ingest_votes_stored_total", result.stored)
         self.metrics.inc("palaute_ingest_votes_duplicate_total", result.duplicates)
+        if result.copy_fallback:
+            self.metrics.inc("palaute_ingest_copy_fallbacks_total")
         for reason, count in result.refused.items():
             self.metrics.inc("palaute_ingest_refused_total", count, reason=reason)
         for device_id, reason in result.refused_devices:

@@ -9,10 +9,12 @@ docs/performance.md):
 
 1. one query for the state and watermark of every device in the batch, with its
    assignment history (to stamp each vote with its site);
-2. the vote insert.  On PostgreSQL: ``COPY`` into a temporary stage table, then one
-   ``INSERT … SELECT … ON CONFLICT DO NOTHING`` that returns only the count of new rows.
-   Other databases (SQLite) take the portable SQLAlchemy ``INSERT … ON CONFLICT DO NOTHING``
-   executemany;
+2. the vote insert.  On PostgreSQL: when every vote is above its device's watermark (the
+   usual case: nothing of it can be stored yet), ``COPY`` straight into ``votes`` inside a
+   savepoint; otherwise, or when that meets a stored key after all, ``COPY`` into a
+   temporary stage table and one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` that returns
+   only the count of new rows.  Other databases (SQLite) take the portable SQLAlchemy
+   ``INSERT … ON CONFLICT DO NOTHING`` executemany;
 3. one executemany that advances every device's watermark and ``last_seen_ms``;
 4. only for devices with a message *without* ``after`` (simple clients): the query that finds
    how far the stored seqs are contiguous.  Terminals always send ``after``, so in production
@@ -26,8 +28,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from fleet.db.models import Assignment, Device, DeviceState
@@ -46,6 +50,14 @@ _COLUMNS = ("device_id", "seq", "ts_ms", "button", "flags", "content_version", "
 # then moved with one INSERT … SELECT that skips existing keys and returns only a count.
 # ON COMMIT DELETE ROWS empties the stage at every commit, and a rolled-back transaction
 # takes its rows with it.
+# When no vote can be a duplicate, COPY goes straight into votes: that skips the stage's
+# second heap insert and ON CONFLICT's speculative insertion, 7.4 -> 4.5 µs of server CPU
+# per vote and 17 -> 11 ms per 2,000-vote transaction (docs/performance.md).  The savepoint
+# makes a surprise duplicate (a re-send racing another worker, a gap below the watermark's
+# reach) cost one rolled-back COPY instead of the transaction.
+_DIRECT_SAVEPOINT = "SAVEPOINT palaute_direct_copy"
+_DIRECT_UNDO = "ROLLBACK TO SAVEPOINT palaute_direct_copy"
+_DIRECT_COPY = f"COPY votes ({', '.join(_COLUMNS)}) FROM STDIN"
 _STAGE_DDL = ("CREATE TEMP TABLE IF NOT EXISTS palaute_vote_stage "
               "(LIKE votes INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COPY = f"COPY palaute_vote_stage ({', '.join(_COLUMNS)}) FROM STDIN"
@@ -70,6 +82,8 @@ class StoreResult:
     duplicates: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     refused_devices: list[tuple[str, str]] = field(default_factory=list)
+    # PostgreSQL: the straight COPY met a vote stored after all and fell back to the stage.
+    copy_fallback: bool = False
 
 
 def vote_time(vote: Vote, received_ms: int) -> int:
@@ -93,13 +107,44 @@ def _site_at(history: Sequence[tuple[int, int, int | None]], ts_ms: int) -> int 
     return None
 
 
-def _copy_rows(session: Session, rows: list[tuple[Any, ...]]) -> int:
-    """PostgreSQL: COPY ``rows`` into the stage, move the new ones; return how many."""
+def _copy_rows(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
+               ) -> tuple[int, bool]:
+    """PostgreSQL: ``_copy_rows_raw``, with its psycopg errors raised as SQLAlchemy's.
+
+    The COPY runs below SQLAlchemy, so a deadlock, a cancelled statement or a lost
+    connection there surfaces as a bare psycopg error; callers retry a transaction on
+    ``SQLAlchemyError`` and must see these as the database errors they are.
+    """
+    try:
+        return _copy_rows_raw(session, rows, fresh=fresh)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+
+
+def _copy_rows_raw(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
+                   ) -> tuple[int, bool]:
+    """PostgreSQL: store ``rows`` with COPY, skipping existing keys.
+
+    ``fresh`` says that no row can be stored yet (each seq is above its device's
+    watermark): then they go straight into ``votes``, else through the stage.  Returns how
+    many rows were new and whether a straight COPY met a stored key and fell back.
+    """
     connection = session.connection()
     # psycopg's COPY is not exposed by SQLAlchemy: use the DBAPI connection of this very
     # transaction, so the rows commit or roll back with everything else.
     raw: Any = connection.connection.dbapi_connection
     with raw.cursor() as cursor:
+        if fresh:
+            cursor.execute(_DIRECT_SAVEPOINT)
+            try:
+                with cursor.copy(_DIRECT_COPY) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                return len(rows), False
+            except psycopg.errors.UniqueViolation:
+                # Nothing of the COPY is left (nor of the rollup trigger, which had not run);
+                # the stage below sorts the new rows from the stored ones.
+                cursor.execute(_DIRECT_UNDO)
         # Checked every time (one short round trip) rather than remembered per connection:
         # a table created in a transaction that rolled back is gone again.
         cursor.execute(_STAGE_DDL)
@@ -107,20 +152,22 @@ def _copy_rows(session: Session, rows: list[tuple[Any, ...]]) -> int:
             for row in rows:
                 copy.write_row(row)
         cursor.execute(_STAGE_MOVE)
-        return int(cursor.fetchone()[0])
+        return int(cursor.fetchone()[0]), fresh
 
 
-def _insert_rows(session: Session, rows: list[tuple[Any, ...]]) -> int:
-    """Insert ``rows`` (skipping existing keys) and return how many were new."""
+def _insert_rows(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
+                 ) -> tuple[int, bool]:
+    """Insert ``rows`` (skipping existing keys): how many were new, and whether PostgreSQL's
+    straight COPY (``fresh``) met a stored key and had to fall back to the stage."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return _copy_rows(session, rows)
+        return _copy_rows(session, rows, fresh=fresh)
     if dialect != "sqlite":
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
     statement = sqlite.insert(VoteRow).on_conflict_do_nothing(
         index_elements=["device_id", "seq"]).returning(VoteRow.device_id)
     return len(session.execute(statement, [dict(zip(_COLUMNS, row, strict=True))
-                                           for row in rows]).all())
+                                           for row in rows]).all()), False
 
 
 def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms: int
@@ -157,6 +204,9 @@ def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms
     # original) is inserted once and counted as a duplicate once.
     rows: dict[tuple[str, int], tuple[Any, ...]] = {}
     received = 0
+    # Every vote above its device's watermark: none can be stored yet (a re-sent batch
+    # whose first delivery was committed and acknowledged is at or below it).
+    fresh = True
     accepted: dict[str, list[VoteBatch]] = {}
     for device_id, device_batches in by_device.items():
         device = devices.get(device_id)
@@ -169,8 +219,11 @@ def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms
             continue
         accepted[device_id] = device_batches
         device_history = history[device_id]
+        watermark = devices[device_id].acked_seq
         for batch in device_batches:
             received += len(batch.votes)
+            if batch.votes[0].seq <= watermark:
+                fresh = False
             for vote in batch.votes:
                 ts_ms = vote_time(vote, received_ms)
                 rows[(device_id, vote.seq)] = (
@@ -179,7 +232,8 @@ def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms
     if rows:
         # Key order: concurrent workers touching the same keys then lock them in the same
         # order, which keeps deadlocks (retried, but slow) away.
-        result.stored = _insert_rows(session, [rows[key] for key in sorted(rows)])
+        result.stored, result.copy_fallback = _insert_rows(
+            session, [rows[key] for key in sorted(rows)], fresh=fresh)
         result.duplicates = received - result.stored
 
     advances: list[dict[str, Any]] = []

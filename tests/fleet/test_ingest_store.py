@@ -1,6 +1,8 @@
-"""The fast vote store: fixed statement count, no watermark query with ``after``, rollbacks.
+"""The fast vote store: fixed statement count, no watermark query with ``after``, rollbacks,
+and PostgreSQL's straight COPY falling back to the stage when it meets a stored vote.
 
-Runs on SQLite (portable executemany) and PostgreSQL (COPY into a stage table).
+Runs on SQLite (portable executemany) and PostgreSQL (COPY straight into votes, or into a
+stage table).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from fleet.db.engine import make_engine, make_sessionmaker
 from fleet.db.models import Device, DeviceState
 from fleet.db.models import Vote as VoteRow
 from fleet.protocol.v1 import Vote, VoteBatch
+from fleet.services.rollups import rollup_counts, verify_rollups
 from fleet.services.votes import store_batches
+from tests.fleet.test_reports import Fleet
 
 T0 = 1_800_000_000_000
 DEVICES = [f"pt-5707e{i:07x}" for i in range(300)]
@@ -106,3 +110,24 @@ def test_a_rolled_back_store_leaves_nothing_and_the_next_one_works(db_url: str) 
     with sessions.begin() as session:
         again = store_batches(session, [batch(device, 1, 4, 0)], received_ms=T0)
     assert (again.stored, again.duplicates, again.acks) == (1, 3, {device: 4})
+
+
+def test_a_stored_vote_above_the_watermark_sends_the_batch_through_the_stage(
+        db_url: str) -> None:
+    fleet = Fleet(db_url)
+    device = fleet.device(DEVICES[0], fleet.site(fleet.customer("C"), "S", "UTC"))
+    # A simple client (no `after`) leaves a gap: seq 3 is stored, the watermark stays at 0.
+    with fleet.sessions.begin() as session:
+        gap = store_batches(session, [batch(device, 3, 1, None)], received_ms=T0)
+    assert (gap.stored, gap.acks, gap.copy_fallback) == (1, {device: 0}, False)
+    # Every vote of the next batch is above the watermark, so PostgreSQL tries the straight
+    # COPY, meets seq 3 and must store the other three through the stage, counted once each.
+    with fleet.sessions.begin() as session:
+        result = store_batches(session, [batch(device, 1, 4, 0)], received_ms=T0)
+    assert (result.stored, result.duplicates, result.acks) == (3, 1, {device: 4})
+    assert result.copy_fallback is (make_engine(db_url).dialect.name == "postgresql")
+    with fleet.sessions() as session:
+        assert sorted(session.scalars(select(VoteRow.seq))) == [1, 2, 3, 4]
+        # The rolled-back COPY left nothing in the rollups either.
+        assert sum(sum(c) for c in rollup_counts(session).values()) == 4
+        assert verify_rollups(session) == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -276,6 +277,61 @@ def test_killed_database_connections_cost_a_retry_not_a_vote(
         listener.close()
         worker.stop()
     assert worker.metrics.get("palaute_ingest_db_errors_total") >= 1
+    with sessions() as session:
+        assert session.execute(select(VoteRow.seq, VoteRow.button)
+                               .order_by(VoteRow.seq)).all() == [(1, 1), (2, 3)]
+    engine.dispose()
+
+
+def _backend_waiting_on(admin: psycopg.Connection[Any], statement: str) -> int:
+    """The pid of the backend blocked on a lock while running ``statement…`` (polled: the
+    server offers no notification for a lock wait)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE %s", (statement + "%",)).fetchone()
+        if row is not None:
+            return int(row[0])
+        time.sleep(0.02)
+    raise AssertionError(f"no backend waited on a lock in {statement!r}")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("cut", ["pg_cancel_backend", "pg_terminate_backend"])
+def test_a_copy_cancelled_or_cut_off_costs_a_retry_not_a_vote(
+        mosquitto: MosquittoBroker, postgres_url: str, cut: str) -> None:
+    # The votes go in through psycopg's own COPY, below SQLAlchemy: its errors are psycopg's,
+    # and they too must mean "retry the batch", not "internal error, leave it unacked".  A
+    # cancelled statement stands for a deadlock or a statement timeout (the connection
+    # survives), a terminated backend for a lost connection.
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    assign_devices(sessions, [DEV])
+    worker = IngestWorker(settings_for(mosquitto, postgres_url), sessions,
+                          client_id="test-copy-killed")
+    worker.start()
+    listener = AckListener(mosquitto)
+    plain_url = postgres_url.replace("postgresql+psycopg", "postgresql")
+    try:
+        assert worker.wait_ready(15)
+        t = now_ms()
+        publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([1, t, 1, 0, 0]))
+        assert listener.next()[1]["seq"] == 1
+        with psycopg.connect(plain_url) as locker, \
+                psycopg.connect(plain_url, autocommit=True) as admin:
+            # Hold the writer inside its COPY, then cut its connection there.
+            locker.execute("LOCK TABLE votes IN ACCESS EXCLUSIVE MODE")
+            publish(mosquitto, f"fb/v1/d/{DEV}/votes", votes([2, t, 3, 0, 0]))
+            admin.execute(f"SELECT {cut}(%s)", (_backend_waiting_on(admin, "COPY votes"),))
+            locker.rollback()
+        assert listener.next()[1]["seq"] == 2
+    finally:
+        listener.close()
+        worker.stop()
+    assert worker.metrics.get("palaute_ingest_db_errors_total") >= 1
+    assert worker.metrics.get("palaute_ingest_refused_total", reason="internal") == 0
     with sessions() as session:
         assert session.execute(select(VoteRow.seq, VoteRow.button)
                                .order_by(VoteRow.seq)).all() == [(1, 1), (2, 3)]
