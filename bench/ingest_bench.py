@@ -555,11 +555,13 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 # The ways of running the worker that ``--compare`` measures side by side at 1 vote/message.
+# (commands started, environment); every other setting is the default.
 VARIANTS: dict[str, tuple[int, dict[str, str]]] = {
-    "1 process": (1, {}),
-    "2 processes": (2, {}),
-    "1 process, MQTT 3.1.1": (1, {"PALAUTE_MQTT_PROTOCOL": "3.1.1"}),
+    "1 process, 1 writer": (1, {"PALAUTE_INGEST_WRITERS": "1"}),
     "1 process, 2 writers": (1, {"PALAUTE_INGEST_WRITERS": "2"}),
+    "1 process, MQTT 3.1.1": (1, {"PALAUTE_MQTT_PROTOCOL": "3.1.1"}),
+    "2 processes": (2, {}),
+    "--processes 2": (1, {"PALAUTE_INGEST_PROCESSES": "2"}),
 }
 
 

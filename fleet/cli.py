@@ -67,12 +67,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Run one ingest worker until SIGTERM or Ctrl-C."""
+    """Run an ingest worker (or ``--processes N`` supervised ones) until SIGTERM or Ctrl-C."""
     from fleet.db.engine import make_engine, make_sessionmaker
+    from fleet.ingest.supervisor import Supervisor, supervisor_gone
     from fleet.ingest.worker import IngestWorker, tune_gc
     from fleet.mqtt_url import parse_mqtt_url
 
     settings = _settings()
+    processes = args.processes if args.processes is not None else settings.ingest_processes
+    if processes < 1:
+        raise SystemExit(f"palaute ingest: --processes must be at least 1, not {processes}")
+    # --metrics-port wins over PALAUTE_METRICS_PORT; 0 (the default) serves nothing.
+    metrics_port = (args.metrics_port if args.metrics_port is not None
+                    else settings.metrics_port)
+    if processes > 1:
+        if metrics_port and metrics_port + processes - 1 > 65535:
+            raise SystemExit(f"palaute ingest: metrics ports {metrics_port}…"
+                             f"{metrics_port + processes - 1} do not fit below 65536")
+        supervisor = Supervisor(processes, worker_id=args.worker_id or settings.mqtt_client_id,
+                                metrics_port=metrics_port, metrics_host=args.metrics_host,
+                                connect_timeout=args.connect_timeout)
+        signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+        signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
+        return supervisor.run()
     telemetry = None
     if settings.influx_url:
         from fleet.services.telemetry import InfluxTelemetry
@@ -82,9 +99,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     worker = IngestWorker(settings,
                           make_sessionmaker(make_engine(settings.db_url, pre_ping=False)),
                           client_id=args.worker_id, telemetry=telemetry)
-    # --metrics-port wins over PALAUTE_METRICS_PORT; 0 (the default) serves nothing.
-    metrics_port = (args.metrics_port if args.metrics_port is not None
-                    else settings.metrics_port)
     server = None
     if metrics_port:
         from fleet.ingest.http import MetricsServer
@@ -108,7 +122,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                   f"{target.host}:{target.port} "
                   f"within {args.connect_timeout}s; still retrying", file=sys.stderr)
         logging.getLogger("palaute.ingest").info("ingest worker running")
-        stop.wait()
+        while not stop.wait(1.0):
+            if args.supervisor_pid and supervisor_gone(args.supervisor_pid):
+                # Nobody would restart or stop this worker any more: stop now, leaving
+                # unacknowledged messages in its persistent session.
+                logging.getLogger("palaute.ingest").error(
+                    "supervisor (pid %d) is gone; stopping", args.supervisor_pid)
+                break
     except KeyboardInterrupt:
         pass
     finally:
@@ -240,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--worker-id", default=None,
                         help="MQTT client id; unique and stable per worker (persistent session)")
     ingest.add_argument("--connect-timeout", type=float, default=15.0)
+    ingest.add_argument("--processes", type=int, default=None,
+                        help="worker processes to start and supervise (client ids "
+                             "<worker-id>-1…N, metrics ports from --metrics-port on); "
+                             "default PALAUTE_INGEST_PROCESSES or 1")
+    # Set by the supervisor for its children: stop when that process is gone.
+    ingest.add_argument("--supervisor-pid", type=int, default=0, help=argparse.SUPPRESS)
     ingest.add_argument("--metrics-port", type=int, default=None,
                         help="serve /metrics and /healthz over HTTP on this port (0: off, "
                              "the default)")

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Writer threads of one worker, each with its own database connection; devices are
     # split between them by a hash of their id (docs/performance.md).
     ingest_writers: int = Field(default=2, ge=1, le=16)
+    # Worker processes `palaute ingest` starts and supervises (one core each at most: the
+    # interpreter lock); they share the load through the shared subscription.
+    ingest_processes: int = Field(default=1, ge=1, le=64)
     ingest_max_payload: int = Field(default=16_384, ge=256)
     ingest_max_future_ms: int = Field(default=24 * 3600 * 1000, ge=0)
     # Terminals report health this often; one silent for 3x as long is marked offline.

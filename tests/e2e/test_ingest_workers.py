@@ -13,7 +13,9 @@ The test thread waits on the simulator's progress (a condition variable), never 
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -284,3 +286,36 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
         for worker in workers:
             worker.stop()
     assert_exactly_once(fleet_db, simulator, workers)
+
+
+def test_one_command_with_two_processes_restarts_a_killed_one_and_loses_nothing(
+        mosquitto: MosquittoBroker, fleet_db: str, simulator: TerminalSimulator,
+        tmp_path: Path) -> None:
+    # `palaute ingest --processes 2`: two workers under one supervisor; SIGKILL one of them
+    # mid-stream and the supervisor starts it again under the same client id (the broker
+    # hands it its persistent session back).  SIGTERM to the supervisor stops both.
+    command = IngestProcess(db_url=fleet_db, workdir=tmp_path, worker_id="ingest-sup",
+                            mqtt_url=mosquitto.url_for(mosquitto.admin_user,
+                                                       mosquitto.admin_password),
+                            processes=2)
+    command.start_subscribed(mosquitto)
+    try:
+        children = command.children()
+        assert sorted(children.values()) == ["ingest-sup-1", "ingest-sup-2"]
+        simulator.start()
+        assert simulator.wait_acked(TOTAL * 3 // 10, 30), "no progress before the kill"
+        offset = mosquitto.log_file.stat().st_size
+        victim, survivor = sorted(children)
+        os.kill(victim, signal.SIGKILL)
+        # The restarted child subscribes again under its old client id.
+        command.wait_subscribed(mosquitto, offset, [children[victim]])
+        after = command.children()
+        assert sorted(after.values()) == ["ingest-sup-1", "ingest-sup-2"]
+        assert victim not in after and survivor in after
+        assert simulator.wait_acked(TOTAL, 40), "not every vote was acknowledged"
+    finally:
+        command.stop()
+    assert command.process is not None and command.process.returncode == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in after), "children left running"
+    assert "exited with SIGKILL" in command.log_tail(200)
+    assert_exactly_once(fleet_db, simulator, [command])

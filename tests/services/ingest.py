@@ -20,14 +20,21 @@ PALAUTE = Path(sys.executable).parent / "palaute"
 
 
 class IngestProcess:
-    """One ``palaute ingest`` worker process with its own MQTT client id."""
+    """One ``palaute ingest`` command with its own MQTT client id: one worker process, or
+    with ``processes`` > 1 a supervisor of that many (client ids ``<worker_id>-1…N``)."""
 
     def __init__(self, *, db_url: str, mqtt_url: str, workdir: Path, worker_id: str,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, processes: int | None = None
+                 ) -> None:
         self.worker_id = worker_id
         self.log_path = workdir / f"{worker_id}.log"
         self.env = dict(os.environ, PALAUTE_DB_URL=db_url, PALAUTE_MQTT_URL=mqtt_url,
                         PALAUTE_ENVIRONMENT="test", **(extra_env or {}))
+        # As `palaute ingest` decides it: the argument, else PALAUTE_INGEST_PROCESSES.
+        self.processes = (processes if processes is not None
+                          else int(self.env.get("PALAUTE_INGEST_PROCESSES", "1")))
+        self.client_ids = ([worker_id] if self.processes == 1 else
+                           [f"{worker_id}-{i}" for i in range(1, self.processes + 1)])
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -35,7 +42,8 @@ class IngestProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"--- start at {now_ms()}\n".encode())
             self.process = subprocess.Popen(
-                [str(PALAUTE), "ingest", "--worker-id", self.worker_id], env=self.env,
+                [str(PALAUTE), "ingest", "--worker-id", self.worker_id,
+                 "--processes", str(self.processes)], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT)
 
     def start_subscribed(self, broker: MosquittoBroker, timeout: float = 30) -> None:
@@ -46,15 +54,32 @@ class IngestProcess:
         """
         offset = broker.log_file.stat().st_size
         self.start()
+        self.wait_subscribed(broker, offset, self.client_ids, timeout)
+
+    def wait_subscribed(self, broker: MosquittoBroker, offset: int, client_ids: list[str],
+                        timeout: float = 30) -> None:
+        """Wait until ``broker`` has logged, after byte ``offset`` of its log, the
+        subscription of every one of ``client_ids``."""
         # Default shared group and topic root (neither is overridden by the callers).
-        pattern = re.compile(
-            rf"{re.escape(self.worker_id)} 1 \$share/palaute-ingest/fb/v1/d/\+/status")
+        patterns = [re.compile(rf"{re.escape(c)} 1 \$share/palaute-ingest/fb/v1/d/\+/status")
+                    for c in client_ids]
 
         def subscribed() -> bool:
             with open(broker.log_file, "rb") as log:
                 log.seek(offset)
-                return bool(pattern.search(log.read().decode(errors="replace")))
-        wait_until(subscribed, timeout, f"{self.worker_id} to subscribe\n{self.log_tail()}")
+                text = log.read().decode(errors="replace")
+            return all(p.search(text) for p in patterns)
+        wait_until(subscribed, timeout, f"{client_ids} to subscribe\n{self.log_tail()}")
+
+    def children(self) -> dict[int, str]:
+        """The supervisor's worker processes now: pid → MQTT client id (Linux ``/proc``)."""
+        assert self.process is not None
+        pid = self.process.pid
+        found = {}
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
+            found[int(child)] = argv[argv.index("--worker-id") + 1]
+        return found
 
     def stop(self) -> None:
         """SIGTERM and wait (a clean shutdown)."""
