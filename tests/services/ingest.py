@@ -30,7 +30,9 @@ class IngestProcess:
         self.log_path = workdir / f"{worker_id}.log"
         self.env = dict(os.environ, PALAUTE_DB_URL=db_url, PALAUTE_MQTT_URL=mqtt_url,
                         PALAUTE_ENVIRONMENT="test", **(extra_env or {}))
-        # As `palaute ingest` decides it: the argument, else PALAUTE_INGEST_PROCESSES.
+        # As `palaute ingest` decides it: the argument, else PALAUTE_INGEST_PROCESSES.  The
+        # option is passed only when given (the benchmark also runs commits without it).
+        self.option = [] if processes is None else ["--processes", str(processes)]
         self.processes = (processes if processes is not None
                           else int(self.env.get("PALAUTE_INGEST_PROCESSES", "1")))
         self.client_ids = ([worker_id] if self.processes == 1 else
@@ -42,8 +44,8 @@ class IngestProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"--- start at {now_ms()}\n".encode())
             self.process = subprocess.Popen(
-                [str(PALAUTE), "ingest", "--worker-id", self.worker_id,
-                 "--processes", str(self.processes)], env=self.env,
+                [str(PALAUTE), "ingest", "--worker-id", self.worker_id, *self.option],
+                env=self.env,
                 stdout=log, stderr=subprocess.STDOUT)
 
     def start_subscribed(self, broker: MosquittoBroker, timeout: float = 30) -> None:
