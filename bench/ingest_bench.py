@@ -306,7 +306,9 @@ def ingest_rate(bench: Bench, shape: Shape, kind: str, processes: int = 1,
             peak = 0
             for each in workers:
                 assert each.process is not None
-                peak = max(peak, rss_kib(each.process.pid)[1])
+                # A supervisor's workers are its children: the largest process counts.
+                for pid in (each.process.pid, *(each.children() if each.processes > 1 else ())):
+                    peak = max(peak, rss_kib(pid)[1])
         finally:
             acks.close()
             for each in workers:
@@ -315,6 +317,7 @@ def ingest_rate(bench: Bench, shape: Shape, kind: str, processes: int = 1,
     if stored != shape.votes:
         raise RuntimeError(f"{stored} votes stored, {shape.votes} published")
     return {"db": kind, "votes_per_message": shape.votes_per_message, "processes": processes,
+            "processes_per_command": int((extra_env or {}).get("PALAUTE_INGEST_PROCESSES", "1")),
             "messages": shape.messages, "votes": shape.votes, "acks": acks.count,
             "seconds": round(seconds, 3), "publish_seconds": round(published, 3),
             "messages_per_s": round(shape.messages / seconds),
@@ -497,6 +500,10 @@ def run(quick: bool) -> dict[str, Any]:
                           for s in shapes}
         results["ingest"] = [step(f"ingest {kind} {s.name}", ingest_rate, bench, s, kind)
                              for s in shapes for kind in ("postgres", "sqlite")]
+        # The same command with two worker processes under it (one per core here).
+        results["ingest"].append(step("ingest postgres v1, --processes 2", ingest_rate, bench,
+                                      shapes[0], "postgres", 1,
+                                      {"PALAUTE_INGEST_PROCESSES": "2"}))
         sustained = next(r["messages_per_s"] for r in results["ingest"]
                          if r["db"] == "postgres" and r["votes_per_message"] == 1)
         results["latency"] = [
@@ -520,16 +527,21 @@ def run(quick: bool) -> dict[str, Any]:
 def goals(results: dict[str, Any]) -> dict[str, Any]:
     """The two throughput goals, met or not."""
     rows = results["ingest"]
-    v1 = [r for r in rows if r["votes_per_message"] == 1]
+    v1 = {_label(r): r["ratio_to_raw"] for r in rows if r["votes_per_message"] == 1}
     pg50 = next(r for r in rows if r["db"] == "postgres" and r["votes_per_message"] == 50)
     return {
         "ratio_at_1_vote_goal": RATIO_GOAL,
-        "ratio_at_1_vote": {r["db"]: r["ratio_to_raw"] for r in v1},
-        "ratio_met": all(r["ratio_to_raw"] >= RATIO_GOAL for r in v1),
+        "ratio_at_1_vote": v1,
+        "ratio_met": {label: ratio >= RATIO_GOAL for label, ratio in v1.items()},
         "pg_votes_per_s_at_50_goal": PG_VOTES_GOAL,
         "pg_votes_per_s_at_50": pg50["votes_per_s"],
         "pg_votes_met": pg50["votes_per_s"] >= PG_VOTES_GOAL,
     }
+
+
+def _label(row: dict[str, Any]) -> str:
+    per_command = row.get("processes_per_command", 1)
+    return row["db"] + (f", --processes {per_command}" if per_command > 1 else "")
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -537,10 +549,10 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\nmachine: {results['machine']['cores']} cores, {results['machine']['cpu']}")
     for name, raw in results["raw"].items():
         print(f"raw broker {name:4s}: {raw['messages_per_s']:>8} msg/s")
-    print(f"{'db':9s} {'v/msg':>5s} {'msg/s':>8s} {'votes/s':>8s} {'ratio':>6s} "
+    print(f"{'db':24s} {'v/msg':>5s} {'msg/s':>8s} {'votes/s':>8s} {'ratio':>6s} "
           f"{'acks':>7s} {'RSS MiB':>8s}")
     for r in results["ingest"]:
-        print(f"{r['db']:9s} {r['votes_per_message']:5d} {r['messages_per_s']:8d} "
+        print(f"{_label(r):24s} {r['votes_per_message']:5d} {r['messages_per_s']:8d} "
               f"{r['votes_per_s']:8d} {r['ratio_to_raw']:6.3f} {r['acks']:7d} "
               f"{r['peak_rss_mib']:8.1f}")
     for lat in results["latency"]:

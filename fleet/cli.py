@@ -81,6 +81,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     metrics_port = (args.metrics_port if args.metrics_port is not None
                     else settings.metrics_port)
     if processes > 1:
+        if not settings.ingest_shared_group:
+            raise SystemExit(f"palaute ingest: --processes {processes} needs a shared "
+                             "subscription, but PALAUTE_INGEST_SHARED_GROUP is empty: every "
+                             "process would get every message; run one process")
         if metrics_port and metrics_port + processes - 1 > 65535:
             raise SystemExit(f"palaute ingest: metrics ports {metrics_port}…"
                              f"{metrics_port + processes - 1} do not fit below 65536")

@@ -13,8 +13,8 @@ docs/performance.md):
    usual case: nothing of it can be stored yet), ``COPY`` straight into ``votes`` inside a
    savepoint; otherwise, or when that meets a stored key after all, ``COPY`` into a
    temporary stage table and one ``INSERT … SELECT … ON CONFLICT DO NOTHING`` that returns
-   only the count of new rows.  Other databases (SQLite) take the portable SQLAlchemy
-   ``INSERT … ON CONFLICT DO NOTHING`` executemany;
+   only the count of new rows.  SQLite: one ``INSERT … ON CONFLICT DO NOTHING``
+   executemany of plain tuples;
 3. one executemany that advances every device's watermark and ``last_seen_ms``;
 4. only for devices with a message *without* ``after`` (simple clients): the query that finds
    how far the stored seqs are contiguous.  Terminals always send ``after``, so in production
@@ -30,7 +30,6 @@ from typing import Any, cast
 
 import psycopg
 from sqlalchemy import Table, bindparam, case, select, update
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -58,6 +57,10 @@ _COLUMNS = ("device_id", "seq", "ts_ms", "button", "flags", "content_version", "
 _DIRECT_SAVEPOINT = "SAVEPOINT palaute_direct_copy"
 _DIRECT_UNDO = "ROLLBACK TO SAVEPOINT palaute_direct_copy"
 _DIRECT_COPY = f"COPY votes ({', '.join(_COLUMNS)}) FROM STDIN"
+# SQLite: the same columns as plain parameters; ON CONFLICT skips stored keys.
+_SQLITE_INSERT = (f"INSERT INTO votes ({', '.join(_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                  "ON CONFLICT (device_id, seq) DO NOTHING")
 _STAGE_DDL = ("CREATE TEMP TABLE IF NOT EXISTS palaute_vote_stage "
               "(LIKE votes INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COPY = f"COPY palaute_vote_stage ({', '.join(_COLUMNS)}) FROM STDIN"
@@ -107,32 +110,14 @@ def _site_at(history: Sequence[tuple[int, int, int | None]], ts_ms: int) -> int 
     return None
 
 
-def _copy_rows(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
-               ) -> tuple[int, bool]:
-    """PostgreSQL: ``_copy_rows_raw``, with its psycopg errors raised as SQLAlchemy's.
-
-    The COPY runs below SQLAlchemy, so a deadlock, a cancelled statement or a lost
-    connection there surfaces as a bare psycopg error; callers retry a transaction on
-    ``SQLAlchemyError`` and must see these as the database errors they are.
-    """
-    try:
-        return _copy_rows_raw(session, rows, fresh=fresh)
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-
-
-def _copy_rows_raw(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
-                   ) -> tuple[int, bool]:
-    """PostgreSQL: store ``rows`` with COPY, skipping existing keys.
+def _copy_rows(raw: Any, rows: list[tuple[Any, ...]], *, fresh: bool) -> tuple[int, bool]:
+    """PostgreSQL: store ``rows`` with COPY on psycopg connection ``raw``, skipping existing
+    keys.
 
     ``fresh`` says that no row can be stored yet (each seq is above its device's
     watermark): then they go straight into ``votes``, else through the stage.  Returns how
     many rows were new and whether a straight COPY met a stored key and fell back.
     """
-    connection = session.connection()
-    # psycopg's COPY is not exposed by SQLAlchemy: use the DBAPI connection of this very
-    # transaction, so the rows commit or roll back with everything else.
-    raw: Any = connection.connection.dbapi_connection
     with raw.cursor() as cursor:
         if fresh:
             cursor.execute(_DIRECT_SAVEPOINT)
@@ -155,19 +140,39 @@ def _copy_rows_raw(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
         return int(cursor.fetchone()[0]), fresh
 
 
+def _insert_rows_sqlite(raw: Any, rows: list[tuple[Any, ...]]) -> int:
+    """SQLite: one executemany of plain tuples on sqlite3 connection ``raw``; return how
+    many rows were new (``rowcount`` sums each row's own changes, not the triggers')."""
+    cursor = raw.cursor()
+    try:
+        cursor.executemany(_SQLITE_INSERT, rows)
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
 def _insert_rows(session: Session, rows: list[tuple[Any, ...]], *, fresh: bool
                  ) -> tuple[int, bool]:
     """Insert ``rows`` (skipping existing keys): how many were new, and whether PostgreSQL's
-    straight COPY (``fresh``) met a stored key and had to fall back to the stage."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return _copy_rows(session, rows, fresh=fresh)
-    if dialect != "sqlite":
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    statement = sqlite.insert(VoteRow).on_conflict_do_nothing(
-        index_elements=["device_id", "seq"]).returning(VoteRow.device_id)
-    return len(session.execute(statement, [dict(zip(_COLUMNS, row, strict=True))
-                                           for row in rows]).all()), False
+    straight COPY (``fresh``) met a stored key and had to fall back to the stage.
+
+    Both paths run on the DBAPI connection of this very transaction, below SQLAlchemy (whose
+    ORM bulk insert spent more time per row than the database did), so the rows commit or
+    roll back with everything else.  Their errors (a deadlock, a cancelled statement, a lost
+    connection, a locked SQLite file) are raised as SQLAlchemy's: callers retry a
+    transaction on ``SQLAlchemyError`` and must see these as the database errors they are.
+    """
+    dialect = session.get_bind().dialect
+    raw: Any = session.connection().connection.dbapi_connection
+    dbapi_error = dialect.loaded_dbapi.Error
+    try:
+        if dialect.name == "postgresql":
+            return _copy_rows(raw, rows, fresh=fresh)
+        if dialect.name == "sqlite":
+            return _insert_rows_sqlite(raw, rows), False
+    except dbapi_error as exc:
+        raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+    raise RuntimeError(f"unsupported database dialect {dialect.name!r}")
 
 
 def store_batches(session: Session, batches: Iterable[VoteBatch], *, received_ms: int

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, event, func, insert, select
+import pytest
+from sqlalchemy import Engine, event, func, insert, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet.db.engine import make_engine, make_sessionmaker
@@ -131,3 +133,13 @@ def test_a_stored_vote_above_the_watermark_sends_the_batch_through_the_stage(
         # The rolled-back COPY left nothing in the rollups either.
         assert sum(sum(c) for c in rollup_counts(session).values()) == 4
         assert verify_rollups(session) == {}
+
+
+def test_database_errors_below_sqlalchemy_come_out_as_sqlalchemy_errors(db_url: str) -> None:
+    # The vote insert runs on the DBAPI connection (COPY, plain executemany); the worker
+    # retries a batch on SQLAlchemyError, so a driver error there must arrive as one.
+    engine, sessions = fleet(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE votes"))
+    with pytest.raises(DBAPIError, match="votes"), sessions.begin() as session:
+        store_batches(session, [batch(DEVICES[0], 1, 1, 0)], received_ms=T0)

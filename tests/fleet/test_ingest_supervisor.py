@@ -66,10 +66,14 @@ def test_children_get_their_own_ids_ports_and_the_supervisor_pid() -> None:
 
 
 def test_impossible_process_counts_and_ports_are_refused_with_a_reason() -> None:
-    for argv, expected in (
-            (["--processes", "0"], "--processes must be at least 1"),
-            (["--processes", "4", "--metrics-port", "65534"], "do not fit below 65536")):
+    for argv, env, expected in (
+            (["--processes", "0"], {}, "--processes must be at least 1"),
+            (["--processes", "4", "--metrics-port", "65534"], {}, "do not fit below 65536"),
+            # Without a shared subscription every process would get every message.
+            (["--processes", "2"], {"PALAUTE_INGEST_SHARED_GROUP": ""}, "run one process"),
+            ([], {"PALAUTE_INGEST_PROCESSES": "3", "PALAUTE_INGEST_SHARED_GROUP": ""},
+             "--processes 3 needs a shared subscription")):
         done = subprocess.run([str(PALAUTE), "ingest", *argv], capture_output=True, text=True,
                               timeout=30, env={"PALAUTE_DB_URL": "sqlite:///:memory:",
-                                               "PATH": "/usr/bin:/bin"})
+                                               "PATH": "/usr/bin:/bin", **env})
         assert done.returncode != 0 and expected in done.stderr, done.stderr
