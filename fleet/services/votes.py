@@ -45,28 +45,28 @@ _COLUMNS = ("device_id", "seq", "ts_ms", "button", "flags", "content_version", "
             "received_ms")
 
 # PostgreSQL: votes are streamed with COPY (the fastest way into the server: rows are
-# formatted in C by psycopg, no statement per row) into a per-connection temporary table,
-# then moved with one INSERT … SELECT that skips existing keys and returns only a count.
-# ON COMMIT DELETE ROWS empties the stage at every commit, and a rolled-back transaction
-# takes its rows with it.
-# When no vote can be a duplicate, COPY goes straight into votes: that skips the stage's
-# second heap insert and ON CONFLICT's speculative insertion, 7.4 -> 4.5 µs of server CPU
-# per vote and 17 -> 11 ms per 2,000-vote transaction (docs/performance.md).  The savepoint
-# makes a surprise duplicate (a re-send racing another worker, a gap below the watermark's
-# reach) cost one rolled-back COPY instead of the transaction.
+# formatted in C by psycopg, no statement per row).  When no vote can be stored yet, COPY
+# goes straight into votes; that skips the stage below (its second heap insert and ON
+# CONFLICT's speculative insertion): 7.4 -> 4.5 µs of server CPU per vote and 17 -> 11 ms
+# per 2,000-vote transaction (docs/performance.md).  The savepoint makes a surprise
+# duplicate (a re-send racing another worker, a gap a simple client left above the
+# watermark) cost one rolled-back COPY instead of the transaction.
 _DIRECT_SAVEPOINT = "SAVEPOINT palaute_direct_copy"
 _DIRECT_UNDO = "ROLLBACK TO SAVEPOINT palaute_direct_copy"
 _DIRECT_COPY = f"COPY votes ({', '.join(_COLUMNS)}) FROM STDIN"
-# SQLite: the same columns as plain parameters; ON CONFLICT skips stored keys.
-_SQLITE_INSERT = (f"INSERT INTO votes ({', '.join(_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
-                  "ON CONFLICT (device_id, seq) DO NOTHING")
+# Otherwise COPY into a per-connection temporary table, then one INSERT … SELECT that skips
+# existing keys and returns only a count.  ON COMMIT DELETE ROWS empties the stage at every
+# commit, and a rolled-back transaction takes its rows with it.
 _STAGE_DDL = ("CREATE TEMP TABLE IF NOT EXISTS palaute_vote_stage "
               "(LIKE votes INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
 _STAGE_COPY = f"COPY palaute_vote_stage ({', '.join(_COLUMNS)}) FROM STDIN"
 _STAGE_MOVE = (f"WITH new AS (INSERT INTO votes ({', '.join(_COLUMNS)}) "
                f"SELECT {', '.join(_COLUMNS)} FROM palaute_vote_stage "
                "ON CONFLICT (device_id, seq) DO NOTHING RETURNING 1) SELECT count(*) FROM new")
+# SQLite: the same columns as plain parameters; ON CONFLICT skips stored keys.
+_SQLITE_INSERT = (f"INSERT INTO votes ({', '.join(_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                  "ON CONFLICT (device_id, seq) DO NOTHING")
 
 _devices = cast(Table, Device.__table__)
 # Several workers may race on one device: the watermark only ever moves forward.
