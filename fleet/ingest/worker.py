@@ -221,6 +221,8 @@ class IngestWorker:
         self.writers = settings.ingest_writers
         # The hand-over slots between the parser and the writers (one batch each at most).
         self._slots: list[_Prepared | None] = [None] * self.writers
+        # True while a writer stores a batch (read by the parser to decide when to hand over).
+        self._storing = [False] * self.writers
         self._slot_changed = threading.Condition()
         self._parser: threading.Thread | None = None
         self._stop = threading.Event()
@@ -567,7 +569,13 @@ class IngestWorker:
                 if held is None:
                     continue
                 full = self._full(held)
-                if (full or now >= due[writer]) and self._hand_over(writer, held, wait=full):
+                # A due batch goes to its writer once that writer is free, not into the slot
+                # behind a transaction in progress: meanwhile it keeps growing, so under a
+                # steady stream every transaction takes all that came during the one before
+                # (handed over at once, it would alternate a 20 ms batch with a large one,
+                # paying each transaction's fixed round trips twice as often).
+                ready = full or (now >= due[writer] and not self._storing[writer])
+                if ready and self._hand_over(writer, held, wait=full):
                     pending[writer] = None
 
     def _hand_over(self, writer: int, prepared: _Prepared, *, wait: bool) -> bool:
@@ -591,6 +599,7 @@ class IngestWorker:
                 if slots[writer] is None:
                     self._slot_changed.wait(0.2)
                 prepared, slots[writer] = slots[writer], None
+                self._storing[writer] = prepared is not None
                 self._slot_changed.notify_all()
             if prepared is not None:
                 try:
@@ -601,6 +610,8 @@ class IngestWorker:
                     self.metrics.inc("palaute_ingest_refused_total", count, reason="internal")
                     # ... and must not hold back the acknowledgements of later chunks.
                     self._ack_deliveries(prepared, stored=False)
+                finally:
+                    self._storing[writer] = False
             # In the first writer, between its batches: a sweep never runs concurrently with
             # that writer's own presence updates.  (The other writers' may wait for its
             # locks, as another worker's would; PostgreSQL aborts a deadlock, and the
