@@ -317,7 +317,7 @@ def ingest_rate(bench: Bench, shape: Shape, kind: str, processes: int = 1,
     if stored != shape.votes:
         raise RuntimeError(f"{stored} votes stored, {shape.votes} published")
     return {"db": kind, "votes_per_message": shape.votes_per_message, "processes": processes,
-            "processes_per_command": int((extra_env or {}).get("PALAUTE_INGEST_PROCESSES", "1")),
+            "processes_per_command": worker.processes,
             "messages": shape.messages, "votes": shape.votes, "acks": acks.count,
             "seconds": round(seconds, 3), "publish_seconds": round(published, 3),
             "messages_per_s": round(shape.messages / seconds),

@@ -110,6 +110,13 @@ def _site_at(history: Sequence[tuple[int, int, int | None]], ts_ms: int) -> int 
     return None
 
 
+def _copy(cursor: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
+    """Stream ``rows`` through the ``COPY … FROM STDIN`` ``statement``."""
+    with cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def _copy_rows(raw: Any, rows: list[tuple[Any, ...]], *, fresh: bool) -> tuple[int, bool]:
     """PostgreSQL: store ``rows`` with COPY on psycopg connection ``raw``, skipping existing
     keys.
@@ -122,9 +129,7 @@ def _copy_rows(raw: Any, rows: list[tuple[Any, ...]], *, fresh: bool) -> tuple[i
         if fresh:
             cursor.execute(_DIRECT_SAVEPOINT)
             try:
-                with cursor.copy(_DIRECT_COPY) as copy:
-                    for row in rows:
-                        copy.write_row(row)
+                _copy(cursor, _DIRECT_COPY, rows)
                 return len(rows), False
             except psycopg.errors.UniqueViolation:
                 # Nothing of the COPY is left (nor of the rollup trigger, which had not run);
@@ -133,9 +138,7 @@ def _copy_rows(raw: Any, rows: list[tuple[Any, ...]], *, fresh: bool) -> tuple[i
         # Checked every time (one short round trip) rather than remembered per connection:
         # a table created in a transaction that rolled back is gone again.
         cursor.execute(_STAGE_DDL)
-        with cursor.copy(_STAGE_COPY) as copy:
-            for row in rows:
-                copy.write_row(row)
+        _copy(cursor, _STAGE_COPY, rows)
         cursor.execute(_STAGE_MOVE)
         return int(cursor.fetchone()[0]), fresh
 

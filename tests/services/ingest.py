@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fleet.ingest.supervisor import child_id
 from fleet.services.clock import now_ms
 from tests.services.common import wait_until
 
@@ -36,7 +37,7 @@ class IngestProcess:
         self.processes = (processes if processes is not None
                           else int(self.env.get("PALAUTE_INGEST_PROCESSES", "1")))
         self.client_ids = ([worker_id] if self.processes == 1 else
-                           [f"{worker_id}-{i}" for i in range(1, self.processes + 1)])
+                           [child_id(worker_id, i) for i in range(1, self.processes + 1)])
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
